@@ -187,7 +187,7 @@ class ZmqPushHandler(logging.Handler):
                     self.address, undelivered, self.dropped, self.queue_limit, len(self.queue),
                     self.flush_timeout, self.sent,
                 )
-            else:
+            elif self.sent:
                 report.info("ZeroMQ sink %s: %d records sent", self.address, self.sent)
         super().close()
 

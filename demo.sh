@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# A complete run on this machine: a sink, an HTTP target, and Locust with 2 worker processes
+# pushing every request to the sink for 10 seconds. Ends by itself and shows what was collected.
+set -euo pipefail
+cd "$(dirname "$0")"
+[ -x .venv/bin/locust ] || { python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt; }
+out=$(mktemp -d)
+mkdir "$out/www"  # an empty folder: http.server answers 200 on / and 404 elsewhere
+
+.venv/bin/python -m http.server --bind 127.0.0.1 --directory "$out/www" 8000 >/dev/null 2>&1 &
+target=$!
+.venv/bin/python sink.py --bind tcp://127.0.0.1:5555 --log-file "$out/requests.jsonl" &
+sink=$!
+trap 'kill $target $sink 2>/dev/null || true' EXIT
+
+ZMQ_SINK_ADDRESS=tcp://127.0.0.1:5555 LOCUST_LOG_FILE="$out/local.jsonl" \
+  .venv/bin/locust -f locustfile.py --headless --processes 2 -u 20 -r 20 -t 10s \
+  -H http://127.0.0.1:8000 --exit-code-on-error 0 --only-summary --json-file "$out/locust-stats"
+
+kill -TERM $sink && wait $sink
+echo
+echo "Collected $(wc -l < "$out/requests.jsonl") records from every process in $out/requests.jsonl:"
+grep -m 1 '"Task started"' "$out/requests.jsonl"
+grep -m 1 '"result": "success"' "$out/requests.jsonl"
+grep -m 1 '"result": "error"' "$out/requests.jsonl"
+echo "Each worker's own copy: $(ls "$out"/local.*.jsonl | tr '\n' ' ')"

@@ -1,0 +1,506 @@
+"""
+End-to-end tests: real sink.py processes, real ZeroMQ sockets, real Locust runs against an HTTP
+target on 127.0.0.1 (200 on /, 404 elsewhere). Every test checks the data that came out.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psutil
+import pytest
+import zmq
+
+REPO = Path(__file__).resolve().parent
+LOCUSTFILE = REPO / "locustfile.py"
+RUN_TIME = 3  # seconds of load per Locust run
+
+
+# --- the HTTP target --------------------------------------------------------------------------
+
+class Target(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a real server would
+
+    def do_GET(self):
+        found = self.path == "/"
+        body = b"hello" if found else b"not found"
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def target():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Target)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+# --- processes --------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tag():
+    """A mark in the environment of every process a test starts, to find any it left behind."""
+    mark = uuid.uuid4().hex
+    yield mark
+    leftovers = tagged_processes(mark)
+    for proc in leftovers:
+        proc.kill()
+    assert not leftovers, f"processes left running: {[p.cmdline() for p in leftovers]}"
+
+
+def tagged_processes(mark):
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("LOCUST_LOG_TEST_TAG") == mark:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def locust_processes(mark):
+    return [p for p in tagged_processes(mark) if "locust" in " ".join(p.cmdline())]
+
+
+def environment(tag, **settings):
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCUST_LOG_FILE", "ZMQ_SINK_ADDRESS", "HOST")}
+    env.update(LOCUST_LOG_TEST_TAG=tag, PYTHONUNBUFFERED="1", **settings)
+    return env
+
+
+class SinkProcess:
+    def __init__(self, tmp_path, tag, address=None, name="sink"):
+        self.address = address or f"tcp://127.0.0.1:{free_port()}"
+        self.log_file = tmp_path / f"{name}.jsonl"
+        self.stderr_path = tmp_path / f"{name}.err"
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(REPO / "sink.py"), "--bind", self.address, "--log-file", str(self.log_file)],
+                stderr=stderr, env=environment(tag),
+            )
+        wait_for(lambda: "listening on" in self.stderr(), what="the sink to bind")
+
+    def stderr(self):
+        return self.stderr_path.read_text()
+
+    def stop(self, signum=signal.SIGTERM):
+        self.proc.send_signal(signum)
+        assert self.proc.wait(timeout=30) == 0, self.stderr()
+        return self.stderr()
+
+
+@pytest.fixture
+def sinks(tmp_path, tag):
+    started = []
+
+    def start(**kwargs):
+        started.append(SinkProcess(tmp_path, tag, **kwargs))
+        return started[-1]
+
+    yield start
+    for sink in started:
+        if sink.proc.poll() is None:
+            sink.proc.kill()
+            sink.proc.wait()
+
+
+def wait_for(condition, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def locust_command(target, *args, locustfile=LOCUSTFILE):
+    return [sys.executable, "-m", "locust", "-f", str(locustfile), "-H", target, "--exit-code-on-error", "0",
+            "--loglevel", "INFO", *args]
+
+
+def run_locust(tmp_path, tag, target, *args, settings=None, locustfile=LOCUSTFILE, name="locust"):
+    """Run Locust headless for RUN_TIME seconds; return its exit code, stderr and --json-file stats."""
+    stats = tmp_path / f"{name}-stats"
+    command = locust_command(target, "--headless", "-u", "4", "-r", "4", "-t", f"{RUN_TIME}s",
+                             "--json-file", str(stats), *args, locustfile=locustfile)
+    result = subprocess.run(command, cwd=tmp_path, env=environment(tag, **(settings or {})),
+                            capture_output=True, text=True, timeout=90)
+    return result.returncode, result.stderr, json.loads((tmp_path / f"{name}-stats.json").read_text())
+
+
+# --- reading results --------------------------------------------------------------------------
+
+def read_records(path):
+    """Every line must be a complete JSON object; returns them in file order."""
+    text = Path(path).read_text(encoding="utf-8")
+    assert text == "" or text.endswith("\n"), "last line is incomplete"
+    records = [json.loads(line) for line in text.splitlines()]
+    assert all(isinstance(r, dict) for r in records)
+    return records
+
+
+def requests_of(records):
+    return [r for r in records if isinstance(r["message"], dict) and r["message"].get("class") == "request"]
+
+
+def request_counts(records):
+    return Counter((r["message"]["request_type"], r["message"]["name"], r["message"]["result"])
+                   for r in requests_of(records))
+
+
+def locust_counts(stats):
+    counts = Counter()
+    for entry in stats:
+        counts[(entry["method"], entry["name"], "success")] += entry["num_requests"] - entry["num_failures"]
+        counts[(entry["method"], entry["name"], "error")] += entry["num_failures"]
+    return +counts  # drop zeros
+
+
+def assert_same_counts(records, stats):
+    expected = locust_counts(stats)
+    assert expected[("GET", "/", "success")] > 0 and expected[("GET", "/does-not-exist", "error")] > 0
+    assert request_counts(records) == expected
+
+
+# --- every Locust mode ------------------------------------------------------------------------
+
+def test_local_run_delivers_every_request(tmp_path, tag, target, sinks):
+    sink = sinks()
+    code, stderr, stats = run_locust(tmp_path, tag, target, settings={"ZMQ_SINK_ADDRESS": sink.address})
+    assert code == 0, stderr
+    sink.stop()
+    assert_same_counts(read_records(sink.log_file), stats)
+    assert not locust_processes(tag)
+
+
+def test_processes_run_delivers_every_request_from_each_process(tmp_path, tag, target, sinks):
+    sink = sinks()
+    port = str(free_port())
+    code, stderr, stats = run_locust(
+        tmp_path, tag, target, "--processes", "2", "--master-bind-host", "127.0.0.1",
+        "--master-bind-port", port, "--master-port", port,
+        settings={"ZMQ_SINK_ADDRESS": sink.address, "LOCUST_LOG_FILE": str(tmp_path / "local.jsonl")},
+    )
+    assert code == 0, stderr
+    assert not locust_processes(tag), "a forked Locust process outlived the run"
+    sink.stop()
+    records = read_records(sink.log_file)
+    assert_same_counts(records, stats)
+    workers = {r["worker"] for r in requests_of(records)}
+    assert len(workers) == 2
+    # Each worker wrote its own local file, and together they hold what the sink got.
+    local_files = sorted(tmp_path.glob("local.*.jsonl"))
+    assert [f.name for f in local_files] == sorted(f"local.{w}.jsonl" for w in workers)
+    local = [r for f in local_files for r in read_records(f)]
+    assert sorted(map(json.dumps, local)) == sorted(map(json.dumps, records))
+
+
+def test_master_and_workers_deliver_every_request(tmp_path, tag, target, sinks):
+    sink = sinks()
+    port = str(free_port())
+    workers = [
+        subprocess.Popen(locust_command(target, "--worker", "--master-host", "127.0.0.1", "--master-port", port),
+                         cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink.address, HOST=f"loadgen-{i}"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for i in (1, 2)
+    ]
+    try:
+        code, stderr, stats = run_locust(
+            tmp_path, tag, target, "--master", "--expect-workers", "2", "--master-bind-host", "127.0.0.1",
+            "--master-bind-port", port, settings={"ZMQ_SINK_ADDRESS": sink.address},
+        )
+        assert code == 0, stderr
+        assert [w.wait(timeout=30) for w in workers] == [0, 0]
+        assert not locust_processes(tag)
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    sink.stop()
+    records = read_records(sink.log_file)
+    assert_same_counts(records, stats)
+    assert len({r["worker"] for r in requests_of(records)}) == 2
+    assert {r["hostname"] for r in requests_of(records)} == {"loadgen-1", "loadgen-2"}
+
+
+def test_web_ui_run_with_processes_delivers_every_request(tmp_path, tag, target, sinks):
+    sink = sinks()
+    port = str(free_port())
+    stats_file = tmp_path / "ui-stats"
+    command = locust_command(
+        target, "--autostart", "--autoquit", "0", "-u", "4", "-r", "4", "-t", f"{RUN_TIME}s",
+        "--web-host", "127.0.0.1", "--web-port", str(free_port()), "--processes", "2",
+        "--master-bind-host", "127.0.0.1", "--master-bind-port", port, "--master-port", port,
+        "--json-file", str(stats_file),
+    )
+    result = subprocess.run(command, cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink.address),
+                            capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert "Starting web interface" in result.stderr
+    assert not locust_processes(tag)
+    sink.stop()
+    records = read_records(sink.log_file)
+    assert_same_counts(records, json.loads(Path(f"{stats_file}.json").read_text()))
+    assert len({r["worker"] for r in requests_of(records)}) == 2
+
+
+# --- an absent or late sink -------------------------------------------------------------------
+
+def test_sink_started_late_still_gets_every_record(tmp_path, tag, target, sinks):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    command = locust_command(target, "--headless", "-u", "4", "-r", "4", "-t", f"{RUN_TIME + 2}s",
+                             "--json-file", str(tmp_path / "stats"))
+    locust = subprocess.Popen(command, cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=address),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.5)
+        sink_started = datetime.now(timezone.utc)
+        sink = sinks(address=address)
+        _, stderr = locust.communicate(timeout=90)
+    finally:
+        locust.kill()
+        locust.wait()
+    assert locust.returncode == 0, stderr
+    sink.stop()
+    records = read_records(sink.log_file)
+    assert_same_counts(records, json.loads((tmp_path / "stats.json").read_text()))
+    first = min(datetime.fromisoformat(r["time"].replace("Z", "+00:00")) for r in records)
+    assert first < sink_started, "no record was made before the sink started, so nothing was queued"
+    assert "not delivered" not in stderr
+
+
+def test_sink_never_started_run_ends_and_reports_what_was_lost(tmp_path, tag, target):
+    local_file = tmp_path / "local.jsonl"
+    queue_limit = 50
+    code, stderr, stats = run_locust(tmp_path, tag, target, settings={
+        "ZMQ_SINK_ADDRESS": f"tcp://127.0.0.1:{free_port()}", "ZMQ_SINK_QUEUE": str(queue_limit),
+        "LOCUST_LOG_FILE": str(local_file),
+    })
+    assert code == 0, stderr
+    # The users kept their pace: the local file holds every request Locust counted.
+    records = read_records(local_file)
+    assert_same_counts(records, stats)
+    assert len(records) > queue_limit
+    reported = re.search(r"(\d+) records not delivered \((\d+) dropped on a full queue of (\d+), (\d+) still queued",
+                         stderr)
+    assert reported, stderr
+    undelivered, dropped, limit, queued = map(int, reported.groups())
+    assert (undelivered, dropped, limit, queued) == (len(records), len(records) - queue_limit, queue_limit,
+                                                     queue_limit)
+
+
+# --- the record -------------------------------------------------------------------------------
+
+TIME_FORMAT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def test_record_format(tmp_path, tag, target, sinks):
+    sink = sinks()
+    local_file = tmp_path / "local.jsonl"
+    started = datetime.now(timezone.utc)
+    # A time zone far from UTC, so a formatter printing local time would be caught.
+    code, stderr, stats = run_locust(tmp_path, tag, target, settings={
+        "ZMQ_SINK_ADDRESS": sink.address, "LOCUST_LOG_FILE": str(local_file), "HOST": "loadgen-test",
+        "TZ": "Asia/Kathmandu",
+    })
+    assert code == 0, stderr
+    sink.stop()
+    records = read_records(sink.log_file)
+    assert sorted(map(json.dumps, records)) == sorted(map(json.dumps, read_records(local_file)))
+    for record in records:
+        assert list(record) == ["time", "loglevel", "hostname", "worker", "message"]
+        assert TIME_FORMAT.match(record["time"]), record["time"]
+        when = datetime.fromisoformat(record["time"].replace("Z", "+00:00"))
+        assert abs((when - started).total_seconds()) < 120
+        assert record["hostname"] == "loadgen-test"
+    assert len({r["worker"] for r in records}) == 1
+
+    ok = next(r for r in requests_of(records) if r["message"]["result"] == "success")
+    assert ok["loglevel"] == "INFO"
+    assert set(ok["message"]) == {"class", "request_type", "name", "result", "response_time", "response_length",
+                                  "start_time", "url", "other"}
+    assert ok["message"]["name"] == "/" and ok["message"]["url"] == f"{target}/"
+    assert ok["message"]["response_length"] == len(b"hello")
+    assert ok["message"]["response_time"] > 0
+    assert abs(ok["message"]["start_time"] - started.timestamp()) < 120
+    failed = next(r for r in requests_of(records) if r["message"]["result"] == "error")
+    assert failed["loglevel"] == "ERROR"
+    assert "404" in failed["message"]["exception"]
+    assert failed["message"]["name"] == "/does-not-exist"
+
+    plain = [r for r in records if not isinstance(r["message"], dict)]
+    assert plain and all(r["message"] == "Task started" and r["loglevel"] == "INFO" for r in plain)
+
+
+ODD_VALUES_LOCUSTFILE = """
+    import sys
+    sys.path.insert(0, {repo!r})
+    from locustfile import logger  # the hooks register themselves on import
+    from locust import FastHttpUser, constant, task
+
+    class Opaque:
+        def __repr__(self):
+            return "<opaque>"
+
+    class OddUser(FastHttpUser):
+        wait_time = constant(0.1)
+
+        @task
+        def odd(self):
+            circular = {{}}
+            circular["self"] = circular
+            for context in ({{"bytes": b"\\xff\\x00", "object": Opaque(), "error": ValueError("boom")}},
+                            {{(1, 2): "tuple key"}}, {{"nan": float("nan")}}, circular):
+                with self.client.get("/", name="odd", context=context, catch_response=True) as response:
+                    response.failure(ValueError("custom failure"))
+            logger.info("%s and %s", b"\\xfe", Opaque())
+"""
+
+
+def test_values_json_cannot_encode_become_strings(tmp_path, tag, target):
+    locustfile = tmp_path / "odd_locustfile.py"
+    locustfile.write_text(textwrap.dedent(ODD_VALUES_LOCUSTFILE.format(repo=str(REPO))))
+    local_file = tmp_path / "local.jsonl"
+    code, stderr, stats = run_locust(tmp_path, tag, target, locustfile=locustfile,
+                                     settings={"LOCUST_LOG_FILE": str(local_file)})
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    records = read_records(local_file)
+    assert request_counts(records) == locust_counts(stats) and stats[0]["num_failures"] >= 4
+    others = [r["message"]["other"] for r in requests_of(records)]
+    assert {"bytes": "b'\\xff\\x00'", "object": "<opaque>", "error": "boom"} in others
+    assert "{(1, 2): 'tuple key'}" in others
+    assert "{'nan': nan}" in others
+    assert any("{...}" in other for other in others if isinstance(other, str))  # the circular one
+    assert all(r["message"]["exception"] == "custom failure" for r in requests_of(records))
+    assert "b'\\xfe' and <opaque>" in [r["message"] for r in records]
+
+
+# --- bad input to the sink --------------------------------------------------------------------
+
+BAD_MESSAGES = {
+    "empty": [b""],
+    "not UTF-8": [b'{"text": "\xff\xfe"}'],
+    "UTF-16": ['{"a": 1}'.encode("utf-16")],
+    "not JSON": [b"hello sink"],
+    "truncated JSON": [b'{"a": '],
+    "NaN": [b'{"a": NaN}'],
+    "array": [b"[1, 2]"],
+    "string": [b'"just a string"'],
+    "number": [b"42"],
+    "null": [b"null"],
+    "newline inside": [b'{"a":\n1}'],
+    "two records on two lines": [b'{"a": 1}\n{"b": 2}'],
+    "carriage return": [b'{"a": 1}\r'],
+    "huge": [b'{"a": "' + b"x" * (2 << 20) + b'"}'],
+    "deeply nested": [b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
+    "multipart garbage": [b"\x00\x01\x02", b"", b"{", b"\xc3\x28", b"]"],
+}
+
+
+def test_bad_input_is_counted_and_never_written(tmp_path, tag, sinks):
+    sink = sinks()
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.connect(sink.address)
+    valid = []
+    for n, (kind, frames) in enumerate(BAD_MESSAGES.items()):
+        push.send_multipart(frames)
+        valid.append({"n": n, "after": kind, "text": "ünïcödé"})
+        push.send(json.dumps(valid[-1], ensure_ascii=False).encode())
+    # A batch may mix good and bad frames: the good ones are written.
+    valid.append({"n": "in a batch"})
+    push.send_multipart([b"oops", json.dumps(valid[-1]).encode(), b"[]"])
+    push.close(linger=10_000)
+    context.term()
+    wait_for(lambda: len(complete_lines(sink.log_file)) == len(valid), what="the valid records")
+    assert sink.proc.poll() is None, "bad input stopped the sink"
+    summary = sink.stop()
+    assert read_records(sink.log_file) == valid
+    bad_frames = sum(len(frames) for frames in BAD_MESSAGES.values()) + 2
+    assert f"{len(valid)} records written" in summary
+    assert f"{bad_frames} rejected" in summary
+    for reason in ("empty", "over 1 MiB", "line break", "not UTF-8", "not JSON", "not an object"):
+        assert reason in summary
+
+
+def complete_lines(path):
+    """What a running sink has flushed so far (it flushes every few seconds)."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return text.splitlines() if text.endswith("\n") else []
+
+
+# --- stopping the sink ------------------------------------------------------------------------
+
+PUSHER = """
+import json, sys, time, zmq
+push = zmq.Context().socket(zmq.PUSH)
+push.connect(sys.argv[1])
+n = 0
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    push.send_multipart([json.dumps({"n": n + i, "pad": "x" * 200}).encode() for i in range(100)])
+    n += 100
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_while_streaming_leaves_whole_lines_and_a_summary(tmp_path, tag, sinks, signum):
+    sink = sinks()
+    pusher = subprocess.Popen([sys.executable, "-c", PUSHER, sink.address], env=environment(tag))
+    try:
+        wait_for(lambda: re.search(r"sink: \d+ records \(\+\d+/s\), 0 rejected", sink.stderr()),
+                 what="a progress line")
+        summary = sink.stop(signum)
+    finally:
+        pusher.kill()
+        pusher.wait()
+    records = read_records(sink.log_file)
+    written = int(re.search(r"(\d+) records written in [\d.]+s \((\d+)/s\), 0 rejected", summary).group(1))
+    assert written == len(records) > 0
+    # Frames arrive in the order each pusher sent them: the file holds a gapless prefix of the stream.
+    assert [r["n"] for r in records] == list(range(len(records)))
+    assert f"stopped by {signal.Signals(signum).name}" in summary
+
+
+def test_sink_appends_and_never_truncates(tmp_path, tag, sinks):
+    first = sinks()
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.connect(first.address)
+        push.send(b'{"run": 1}')
+        wait_for(lambda: len(complete_lines(first.log_file)) == 1, what="the first record")
+        assert "1 records written" in first.stop()
+        second = sinks(address=first.address)
+        push.send(b'{"run": 2}')
+        wait_for(lambda: len(complete_lines(second.log_file)) == 2, what="the second record")
+    assert "1 records written" in second.stop()
+    assert read_records(second.log_file) == [{"run": 1}, {"run": 2}]
