@@ -316,6 +316,48 @@ def test_sink_never_started_run_ends_and_reports_what_was_lost(tmp_path, tag, ta
                                                      queue_limit)
 
 
+BIG_RECORDS_LOCUSTFILE = """
+    import sys
+    sys.path.insert(0, {repo!r})
+    import locustfile  # the hooks register themselves on import
+    from locust import FastHttpUser, constant, task
+
+    class BigRecordUser(FastHttpUser):
+        wait_time = constant(0.01)
+
+        @task
+        def big(self):
+            self.client.get("/", context={{"padding": "x" * 100_000}})
+"""
+
+
+def test_stalled_sink_does_not_slow_the_run(tmp_path, tag, target):
+    # A sink that accepts the connection and never reads: ZeroMQ and TCP buffers fill, then our queue.
+    context = zmq.Context()
+    stalled = context.socket(zmq.PULL)
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    port = stalled.bind_to_random_port("tcp://127.0.0.1")
+    locustfile = tmp_path / "big_locustfile.py"
+    locustfile.write_text(textwrap.dedent(BIG_RECORDS_LOCUSTFILE.format(repo=str(REPO))))
+    local_file = tmp_path / "local.jsonl"
+    try:
+        code, stderr, stats = run_locust(tmp_path, tag, target, locustfile=locustfile, settings={
+            "ZMQ_SINK_ADDRESS": f"tcp://127.0.0.1:{port}", "ZMQ_SINK_QUEUE": "10", "LOCUST_LOG_FILE": str(local_file),
+        })
+    finally:
+        stalled.close(linger=0)
+        context.term()
+    assert code == 0, stderr
+    records = read_records(local_file)
+    assert request_counts(records) == locust_counts(stats)
+    reported = re.search(r"(\d+) records not delivered \((\d+) dropped on a full queue of 10, (\d+) still queued.*; "
+                         r"(\d+) sent", stderr)
+    assert reported, stderr
+    undelivered, dropped, queued, sent = map(int, reported.groups())
+    assert dropped > 0 and queued == 10
+    assert undelivered + sent == len(records)
+
+
 # --- the record -------------------------------------------------------------------------------
 
 TIME_FORMAT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
