@@ -5,10 +5,12 @@ Usage::
 
     python sink.py --bind 'tcp://*:5555' --log-file requests.jsonl
 
-A message is one or more frames; each frame is one record: a JSON object, UTF-8, on one line.
-Valid frames are appended to the file as they arrive (arrival order, not time order). A frame that is
-empty, over 1 MiB, not UTF-8, holds a line break, is not JSON, or is JSON but not an object is
-rejected and counted by reason; the other frames of its message are still written.
+Framing: every frame of a message holds one record, or several separated by line breaks (\\n), each a
+JSON object in UTF-8; a final line break is allowed. A frame is written whole, as it came, or rejected
+whole and counted by reason: empty, an empty line, a carriage return, a line over 1 MiB, not UTF-8, not
+JSON (NaN and Infinity included), or JSON but not an object. Rejecting whole frames means a fragment of a
+bad message, such as one line of a pretty-printed object, can never pass for a record. Records are
+appended in arrival order, not time order.
 
 Progress goes to stderr every few seconds while records arrive. SIGINT or SIGTERM: the sink writes
 what it has received, closes the file and prints a summary.
@@ -24,9 +26,17 @@ from collections import Counter
 
 import zmq
 
+try:
+    import simdjson  # optional (pysimdjson): checks a record without building it, ~10x the json module's speed
+except ImportError:
+    simdjson = None
+
 MAX_RECORD_BYTES = 1 << 20
-# Frames larger than this make ZeroMQ drop the sender's connection before we see them: a memory guard.
+# A frame larger than this makes ZeroMQ drop the sender's connection before we see it: a memory guard.
 MAX_FRAME_BYTES = 64 << 20
+# Messages ZeroMQ holds for us per connected process, a frame of up to 1000 records each: the bound on
+# what the sink buffers when it falls behind (ZeroMQ's default of 1000 let a test run reach 600 MB).
+RCVHWM = 10
 PROGRESS_EVERY = 2.0  # seconds
 
 
@@ -34,26 +44,55 @@ def reject_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
-# NaN and Infinity are Python's extensions, not JSON: other tools would choke on them.
+# The reference for what a record is: Python's own decoder, without the NaN and Infinity it allows.
 decoder = json.JSONDecoder(parse_constant=reject_constant)
 
 
-def why_invalid(frame):
-    """Return why a frame is not a record, or None if it is one."""
-    if not frame:
-        return "empty"
-    if len(frame) > MAX_RECORD_BYTES:
+def why_not_a_record(line):
+    """Return why one line is not a record, or None if it is one."""
+    if not line:
+        return "empty line"
+    if len(line) > MAX_RECORD_BYTES:
         return "over 1 MiB"
-    if b"\n" in frame or b"\r" in frame:
-        return "line break"  # it would split its line in the output
     try:
-        value = decoder.decode(frame.decode("utf-8"))
+        value = decoder.decode(line.decode("utf-8"))
     except UnicodeDecodeError:
         return "not UTF-8"
     except (ValueError, RecursionError):
         return "not JSON"
-    if not isinstance(value, dict):
-        return "not an object"
+    return None if isinstance(value, dict) else "not an object"
+
+
+def all_records_quick(lines, parser=simdjson and simdjson.Parser()):
+    """True only if every line is surely a record; False means: ask why_not_a_record, line by line."""
+    # simdjson refuses what Python's decoder refuses, and more (lone surrogates, integers over 64 bits),
+    # except for two things: it skips a UTF-8 byte order mark, and it allows 1024 levels of nesting where
+    # json.loads allows fewer than 1000. A line under 1000 bytes cannot nest 500 deep. 600,000 fuzzed lines
+    # found no other disagreement. Any doubt, exceptions included, goes to the json module.
+    try:
+        for line in lines:
+            if len(line) >= 1000 or line.startswith(b"\xef\xbb\xbf") or type(parser.parse(line)) is not simdjson.Object:
+                return False
+    except Exception:
+        return False
+    return True
+
+
+def why_rejected(frame):
+    """Return why a frame is rejected, or None if every line in it is a record."""
+    if not frame:
+        return "empty"
+    if b"\r" in frame:
+        return "carriage return"  # readers that split on any line break would cut the record there
+    lines = frame.split(b"\n")
+    if frame.endswith(b"\n"):
+        lines.pop()
+    if simdjson is not None and all_records_quick(lines):
+        return None
+    for line in lines:
+        reason = why_not_a_record(line)
+        if reason is not None:
+            return reason
     return None
 
 
@@ -71,10 +110,12 @@ class Sink:
         if self.first_arrival is None:
             self.first_arrival = self.last_arrival
         for frame in frames:
-            reason = why_invalid(frame)
+            reason = why_rejected(frame)
             if reason is None:
-                self.out.write(frame + b"\n")
-                self.written += 1
+                self.out.write(frame)
+                if not frame.endswith(b"\n"):
+                    self.out.write(b"\n")
+                self.written += frame.count(b"\n") + (not frame.endswith(b"\n"))
             else:
                 if not self.rejected[reason]:
                     print(f"sink: rejected a frame ({reason}): {frame[:80]!r}", file=sys.stderr)
@@ -97,11 +138,11 @@ class Sink:
         rate = self.written / seconds if seconds > 0 else 0.0
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.rejected.items()))
         return (f"{self.written} records written in {seconds:.1f}s ({rate:.0f}/s), "
-                f"{sum(self.rejected.values())} rejected" + (f" ({reasons})" if reasons else ""))
+                f"{sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else ""))
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bind", default=os.environ.get("ZMQ_SINK_BIND", "tcp://*:5555"),
                         help="ZeroMQ address to bind the PULL socket to (env ZMQ_SINK_BIND; default %(default)s)")
     parser.add_argument("--log-file", default=os.environ.get("ZMQ_SINK_LOG_FILE", "requests.jsonl"),
@@ -119,9 +160,11 @@ def main():
     context = zmq.Context()
     pull = context.socket(zmq.PULL)
     pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    pull.setsockopt(zmq.RCVHWM, RCVHWM)
     pull.bind(args.bind)
     endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
-    print(f"sink: listening on {endpoint}, appending to {args.log_file}", file=sys.stderr, flush=True)
+    print(f"sink: listening on {endpoint}, appending to {args.log_file}, checking records with "
+          f"{'simdjson' if simdjson else 'the json module'}", file=sys.stderr, flush=True)
 
     with open(args.log_file, "ab") as out:
         sink = Sink(out)
@@ -135,7 +178,7 @@ def main():
                 if sink.counts() != last_counts:
                     new = sink.counts()[0] - last_counts[0]
                     print(f"sink: {sink.written} records (+{new / (now - last_time):.0f}/s), "
-                          f"{sink.counts()[1]} rejected", file=sys.stderr, flush=True)
+                          f"{sink.counts()[1]} frames rejected", file=sys.stderr, flush=True)
                 last_counts, last_time = sink.counts(), now
         # What already arrived is written; the file is then closed holding whole lines only.
         sink.drain(pull, max_seconds=2.0)
