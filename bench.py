@@ -1,0 +1,358 @@
+"""
+Benchmark: what logging every request costs a Locust process, and how fast one sink writes.
+
+    python bench.py                 # about 4 minutes on a 2-core machine; --rounds N for more repeats
+
+Everything runs on 127.0.0.1 and is started and stopped here:
+
+1. Hook cost. One saturated Locust process (FastHttpUser, 10 users, no wait) against a minimal HTTP
+   target, in three variants, rounds interleaved: no hooks; Locust's own CsvRequestLogger; this project's
+   locustfile with a local file and a running sink. Each run measures its own CPU time (all threads, so
+   libzmq's I/O thread counts) and requests over a steady window after warm-up.
+2. Sink ceiling. Two pusher processes send realistic records as our handler does (frames of records
+   separated by line breaks) to sink.py, and to a bare PULL loop that only counts them. Every line the sink wrote is then
+   parsed with json.loads. Target: 100 times the request rate of one saturated Locust process from part 1.
+3. Memory. The sink's RSS while it writes; a Locust process's RSS while its sink is down and its queue fills.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import psutil
+import zmq
+
+REPO = Path(__file__).resolve().parent
+# Part 1: each Locust run ignores WARMUP seconds, then turns the variants on in turn for SLICE seconds
+# each, for WINDOW seconds. On this VM the same CPU-bound loop takes up to 40% longer from one second to
+# the next, and whole runs differ by ±12% in CPU per request whatever they run; so variants are compared
+# inside one process, in slices shorter than that drift, not across runs. Two identical variants measured
+# this way differ by up to 3.5% in a run.
+WARMUP, SLICE, WINDOW = 2.0, 0.25, 48.0
+# Measured processes get core 0 to themselves and their helpers share the other one.
+MEASURED_CORE, HELPER_CORE = {0}, {os.cpu_count() - 1}
+# A saturated worker's handler sends ~150 records a frame (its queue every 50 ms); 200 is close to that.
+PUSHERS, RECORDS_PER_PUSHER, RECORDS_PER_FRAME = 2, 500_000, 200
+VARIANTS = ["no hooks", "CsvRequestLogger", "this project", "this project, json module"]
+
+MEASURED_LOCUSTFILE = """
+import json, os, resource, sys, time
+import gevent
+from locust import FastHttpUser, constant, events, task
+from locust.contrib.csv_request_logger import CsvRequestLogger
+
+sys.path.insert(0, {repo!r})
+import locustfile  # this project's hooks, registered in events.init like any user's
+
+if os.environ.get("BENCH_RESULT"):  # unset: only this project's hooks run, as in any locustfile
+    csv_logger = CsvRequestLogger(os.environ["BENCH_CSV"])
+    events.init.add_listener(lambda environment, **kwargs: csv_logger.register(environment))
+    events.test_start.add_listener(lambda environment, **kwargs: gevent.spawn(measure_in_slices, environment))
+
+with_orjson = locustfile.dumps
+with_json_module = lambda value: locustfile.json_encoder.encode(value).encode()
+
+
+def measure_in_slices(environment):
+    listeners = {{"no hooks": None, "CsvRequestLogger": csv_logger._on_request,
+                  "this project": locustfile.request_log.on_request,
+                  "this project, json module": locustfile.request_log.on_request}}
+    request = environment.events.request
+    for registered in (csv_logger._on_request, locustfile.request_log.on_request):
+        request.remove_listener(registered)
+    active = [None]
+
+    def switch_to(variant):
+        if active[0] is not None:
+            request.remove_listener(active[0])
+        active[0] = listeners[variant]
+        if active[0] is not None:
+            request.add_listener(active[0])
+        locustfile.dumps = with_json_module if variant.endswith("json module") else with_orjson
+
+    def sample():
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread: libzmq's I/O thread counts
+        return usage.ru_utime + usage.ru_stime, environment.stats.total.num_requests, time.monotonic()
+
+    switch_to("no hooks")
+    gevent.sleep({warmup})
+    cycles = []  # per cycle, {{variant: [cpu seconds, requests, seconds]}}
+    variants = list(listeners)
+    for cycle in range(int({window} / ({slice} * len(variants)))):
+        cycles.append({{}})
+        shift = cycle % len(variants)  # rotate, so no variant always follows the same one
+        for variant in variants[shift:] + variants[:shift]:
+            switch_to(variant)
+            start = sample()
+            gevent.sleep({slice})
+            locustfile.request_log.write_pending()  # this slice's requests are encoded in this slice
+            cycles[-1][variant] = [e - s for e, s in zip(sample(), start)]
+    switch_to("no hooks")
+    with open(os.environ["BENCH_RESULT"], "w") as result:
+        json.dump(cycles, result)
+
+
+class BenchUser(FastHttpUser):
+    wait_time = constant(0)
+
+    @task
+    def index(self):
+        self.client.get("/")
+"""
+
+
+def on_core(cores):
+    return lambda: os.sched_setaffinity(0, cores)
+
+
+# --- helper processes (this script runs itself in these roles) ---------------------------------
+
+def serve(port):
+    """The smallest keep-alive HTTP server: every request head gets the same 200, so Locust is the bottleneck."""
+    from gevent.server import StreamServer
+
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+    def handle(sock, _address):
+        pending = b""
+        try:
+            while data := sock.recv(65536):
+                pending += data
+                while b"\r\n\r\n" in pending:
+                    _head, pending = pending.split(b"\r\n\r\n", 1)
+                    sock.sendall(response)
+        except ConnectionResetError:
+            pass  # Locust ends its connections abruptly when it quits
+
+    StreamServer(("127.0.0.1", int(port)), handle).serve_forever()
+
+
+def sample_frame(n=RECORDS_PER_FRAME):
+    """Records shaped like the locustfile's, with varying values, joined as the handler joins them."""
+    now = time.time()
+    records = [json.dumps({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{i % 1000:03d}Z",
+        "loglevel": "INFO", "hostname": "loadgen-1", "worker": "loadgen-1_5f0c3b9e2d7a4c51a8e6f0b1c2d3e4f5",
+        "message": {"class": "request", "request_type": "GET", "name": "/", "result": "success",
+                    "response_time": 1.5 + i / 997, "response_length": 5, "start_time": now + i / 1000,
+                    "url": "http://127.0.0.1:8000/", "other": {}},
+    }).encode() for i in range(n)]
+    return b"\n".join(records)
+
+
+def push(address, records):
+    frame = sample_frame()
+    with zmq.Context() as context, context.socket(zmq.PUSH) as pusher:
+        pusher.connect(address)
+        for _ in range(int(records) // RECORDS_PER_FRAME):
+            pusher.send(frame)
+        pusher.close(linger=-1)
+
+
+def bare_pull(address, expected):
+    """A PULL loop that only counts records: the ceiling for any sink written in Python with pyzmq."""
+    with zmq.Context() as context, context.socket(zmq.PULL) as pull:
+        pull.bind(address)
+        print("ready", flush=True)
+        received, first = 0, None
+        while received < int(expected):
+            received += pull.recv().count(b"\n") + 1
+            first = first or time.monotonic()
+        print(json.dumps({"records": received, "seconds": time.monotonic() - first}), flush=True)
+
+
+# --- part 1: hook cost -------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def locust(workdir, host, env, seconds, **popen):
+    locustfile = workdir / "bench_locustfile.py"
+    locustfile.write_text(MEASURED_LOCUSTFILE.format(repo=str(REPO), warmup=WARMUP, slice=SLICE, window=WINDOW))
+    return subprocess.Popen([sys.executable, "-m", "locust", "-f", str(locustfile), "-H", host, "--headless",
+                             "-u", "10", "-r", "10", "-t", f"{seconds:.0f}s", "--only-summary"],
+                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, preexec_fn=on_core(MEASURED_CORE), **popen)
+
+
+def hook_cost(workdir, host, rounds):
+    """Every cycle of every run: {variant: [cpu seconds, requests, seconds]} of that variant's slice."""
+    sink_address = f"tcp://127.0.0.1:{free_port()}"
+    sink = subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--bind", sink_address,
+                             "--log-file", str(workdir / "hook-sink.jsonl")], stderr=subprocess.DEVNULL,
+                            preexec_fn=on_core(HELPER_CORE))
+    env = dict(os.environ, ZMQ_SINK_ADDRESS=sink_address, LOCUST_LOG_FILE=str(workdir / "local.jsonl"),
+               BENCH_CSV=str(workdir / "requests.csv"), BENCH_RESULT=str(workdir / "result.json"))
+    cycles = []
+    try:
+        for n in range(rounds):
+            run = locust(workdir, host, env, WARMUP + WINDOW + 2, stderr=subprocess.DEVNULL)
+            assert run.wait(timeout=120) == 0
+            cycles += json.loads((workdir / "result.json").read_text())
+            print(f"  run {n + 1}/{rounds}: {len(cycles)} cycles so far", file=sys.stderr)
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        sink.wait()
+    return cycles
+
+
+# --- part 2 and 3: sink ceiling and memory -----------------------------------------------------
+
+def without_accelerators(workdir):
+    """Environment in which orjson and simdjson fail to import, as where only Locust and pyzmq are installed."""
+    shadow = workdir / "without_accelerators"
+    shadow.mkdir(exist_ok=True)
+    for module in ("orjson", "simdjson"):
+        (shadow / f"{module}.py").write_text("raise ImportError\n")
+    return dict(os.environ, PYTHONPATH=str(shadow))
+
+
+def sink_run(workdir, env):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    out = workdir / "sink.jsonl"
+    stderr = workdir / "sink.err"
+    sink = subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--bind", address, "--log-file", str(out)],
+                            stderr=stderr.open("w"), env=env, preexec_fn=on_core(MEASURED_CORE))
+    while "listening on" not in stderr.read_text():
+        time.sleep(0.05)
+    rss = []
+    pushers = [subprocess.Popen([sys.executable, __file__, "push", address, str(RECORDS_PER_PUSHER)],
+                                preexec_fn=on_core(HELPER_CORE)) for _ in range(PUSHERS)]
+    process = psutil.Process(sink.pid)
+    # The sink's progress line shows when it has written everything; its rate is from first to last arrival.
+    while f"sink: {PUSHERS * RECORDS_PER_PUSHER} records" not in stderr.read_text():
+        rss.append(process.memory_info().rss)
+        time.sleep(0.5)
+    for p in pushers:
+        p.wait()
+    sink.send_signal(signal.SIGTERM)
+    sink.wait()
+    written, seconds = re.search(r"(\d+) records written in ([\d.]+)s", stderr.read_text()).groups()
+    written, seconds = int(written), float(seconds)
+    with open(out, "rb") as lines:
+        parsed = sum(1 for line in lines if isinstance(json.loads(line), dict))
+    out.unlink()
+    return {"records": written, "seconds": seconds, "parsed": parsed, "rss": rss}
+
+
+def bare_run():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    expected = PUSHERS * RECORDS_PER_PUSHER
+    pull = subprocess.Popen([sys.executable, __file__, "bare-pull", address, str(expected)],
+                            stdout=subprocess.PIPE, text=True, preexec_fn=on_core(MEASURED_CORE))
+    assert pull.stdout.readline().strip() == "ready"
+    pushers = [subprocess.Popen([sys.executable, __file__, "push", address, str(RECORDS_PER_PUSHER)],
+                                preexec_fn=on_core(HELPER_CORE)) for _ in range(PUSHERS)]
+    result = json.loads(pull.stdout.readline())
+    for p in pushers + [pull]:
+        p.wait()
+    return result
+
+
+def queue_memory(workdir, host, queue_limit=20_000, seconds=16):
+    """RSS of a saturated Locust process whose sink never comes: it must stop growing once the queue is full."""
+    env = dict(os.environ, ZMQ_SINK_ADDRESS=f"tcp://127.0.0.1:{free_port()}", ZMQ_SINK_QUEUE=str(queue_limit))
+    env.pop("LOCUST_LOG_FILE", None)
+    run = locust(workdir, host, env, seconds, stderr=subprocess.PIPE, text=True)
+    process, rss = psutil.Process(run.pid), []
+    while run.poll() is None:
+        try:
+            rss.append(process.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(1)
+    report = [line for line in run.stderr.read().splitlines() if "not delivered" in line]
+    return rss, report[0].split(": ", 1)[1] if report else "no report"
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="Locust runs, each measuring every variant in turns (default 5)")
+    parser.add_argument("--sink-rounds", type=int, default=3, help="runs of the sink and of the bare loop (default 3)")
+    args = parser.parse_args()
+
+    port = free_port()
+    target = subprocess.Popen([sys.executable, __file__, "serve", str(port)], preexec_fn=on_core(HELPER_CORE))
+    host = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        try:
+            print(f"part 1: hook cost, {args.rounds} runs", file=sys.stderr)
+            cycles = hook_cost(workdir, host, args.rounds)
+            print("part 2: sink ceiling", file=sys.stderr)
+            bares, sinks, plain_sinks = [], [], []
+            for _ in range(args.sink_rounds):
+                bares.append(bare_run())
+                sinks.append(sink_run(workdir, os.environ))
+                plain_sinks.append(sink_run(workdir, without_accelerators(workdir)))
+            print("part 3: a Locust process's queue while its sink is down", file=sys.stderr)
+            queue_rss, queue_report = queue_memory(workdir, host)
+        finally:
+            target.kill()
+            target.wait()
+
+    cost = {v: [c[v][0] / c[v][1] * 1e6 for c in cycles] for v in VARIANTS}
+    rate = {v: [c[v][1] / c[v][2] for c in cycles] for v in VARIANTS}
+    print(f"\n{platform_line()}")
+    print(f"\nHook cost: one Locust process, FastHttpUser, 10 users, no wait. {args.rounds} runs, each turning the "
+          f"variants on in turn for {SLICE} s, {len(cycles)} cycles in all; each variant is compared with the "
+          f"no-hooks slice of the same cycle; medians and quartiles over the cycles")
+    print("| variant | CPU per request | requests/s | vs no hooks: median (quartiles) |")
+    print("|---|---|---|---|")
+    for v in VARIANTS:
+        ratios = [c / base for c, base in zip(cost[v], cost["no hooks"])]
+        low, _, high = statistics.quantiles(ratios, n=4)
+        print(f"| {v} | {statistics.median(cost[v]):.1f} µs | {statistics.median(rate[v]):.0f} | "
+              f"{statistics.median(ratios):.3f}× ({low:.3f}–{high:.3f}) |")
+
+    worker_rate = statistics.median(rate["no hooks"])
+    bare_rate = statistics.median(b["records"] / b["seconds"] for b in bares)
+    print(f"\nSink ceiling: {PUSHERS} pushers x {RECORDS_PER_PUSHER} records, {RECORDS_PER_FRAME} records a frame; "
+          f"median of {args.sink_rounds}")
+    print("| loop | records/s | worker-equivalents | of the bare loop |")
+    print("|---|---|---|---|")
+    print(f"| bare PULL loop (receive, count, discard) | {bare_rate:,.0f} | {bare_rate / worker_rate:.0f} | 100% |")
+    for label, runs_of_sink in (("sink.py with simdjson", sinks), ("sink.py, json module only", plain_sinks)):
+        rate = statistics.median(s["records"] / s["seconds"] for s in runs_of_sink)
+        print(f"| {label} (validate, write) | {rate:,.0f} | {rate / worker_rate:.0f} | {rate / bare_rate:.0%} |")
+    every_line = all(s["parsed"] == s["records"] == PUSHERS * RECORDS_PER_PUSHER for s in sinks + plain_sinks)
+    print(f"(one worker-equivalent = {worker_rate:.0f} requests/s, the median no-hooks rate above; every line "
+          f"written, in every run, parsed as a JSON object with json.loads: {every_line})")
+
+    mb = 1 << 20
+    rss = sinks[-1]["rss"]
+    print("\nMemory")
+    print(f"- sink RSS while writing {PUSHERS * RECORDS_PER_PUSHER:,} records: "
+          f"{' '.join(f'{x / mb:.1f}' for x in rss)} MB (one sample each 0.5 s)")
+    print(f"- Locust process, sink down, ZMQ_SINK_QUEUE=20000: RSS {' '.join(f'{x / mb:.0f}' for x in queue_rss)} MB "
+          f"(one sample a second); at exit: {queue_report}")
+
+
+def platform_line():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return (f"Machine: {os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / (1 << 30):.0f} GiB; "
+            f"Python {sys.version.split()[0]}, Locust {version('locust')}, pyzmq {zmq.__version__}, "
+            f"libzmq {zmq.zmq_version()}")
+
+
+if __name__ == "__main__":
+    roles = {"serve": serve, "push": push, "bare-pull": bare_pull}
+    if len(sys.argv) > 1 and sys.argv[1] in roles:
+        roles[sys.argv[1]](*sys.argv[2:])
+    else:
+        main()
