@@ -21,6 +21,8 @@ kill -TERM $sink && wait $sink
 echo
 echo "Collected $(wc -l < "$out/requests.jsonl") records from every process in $out/requests.jsonl:"
 grep -m 1 '"Task started"' "$out/requests.jsonl"
-grep -m 1 '"result": "success"' "$out/requests.jsonl"
-grep -m 1 '"result": "error"' "$out/requests.jsonl"
+grep -m 1 '"result":"success"' "$out/requests.jsonl"
+grep -m 1 '"result":"error"' "$out/requests.jsonl"
+echo "Requests Locust counted: $(.venv/bin/python -c 'import json, sys; print(sum(e["num_requests"] for e in json.load(open(sys.argv[1]))))' "$out/locust-stats.json");" \
+  "request records in the file: $(grep -c '"class":"request"' "$out/requests.jsonl")"
 echo "Each worker's own copy: $(ls "$out"/local.*.jsonl | tr '\n' ' ')"
