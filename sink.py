@@ -71,22 +71,28 @@ def all_records_quick(lines, parser=simdjson and simdjson.Parser()):
     # found no other disagreement. Any doubt, exceptions included, goes to the json module.
     try:
         for line in lines:
-            if len(line) >= 1000 or line.startswith(b"\xef\xbb\xbf") or type(parser.parse(line)) is not simdjson.Object:
+            if (len(line) >= 1000 or line.startswith(b"\xef\xbb\xbf")
+                    or type(parser.parse(line)) is not simdjson.Object):
                 return False
     except Exception:
         return False
     return True
 
 
-def why_rejected(frame):
-    """Return why a frame is rejected, or None if every line in it is a record."""
+def record_lines(frame):
+    """The frame's lines, not counting the final line break it may end with."""
+    lines = frame.split(b"\n")
+    if frame.endswith(b"\n"):
+        lines.pop()
+    return lines
+
+
+def why_rejected(frame, lines):
+    """Return why a frame is rejected, or None if every one of its lines is a record."""
     if not frame:
         return "empty"
     if b"\r" in frame:
         return "carriage return"  # readers that split on any line break would cut the record there
-    lines = frame.split(b"\n")
-    if frame.endswith(b"\n"):
-        lines.pop()
     if simdjson is not None and all_records_quick(lines):
         return None
     for line in lines:
@@ -110,12 +116,13 @@ class Sink:
         if self.first_arrival is None:
             self.first_arrival = self.last_arrival
         for frame in frames:
-            reason = why_rejected(frame)
+            lines = record_lines(frame)
+            reason = why_rejected(frame, lines)
             if reason is None:
                 self.out.write(frame)
                 if not frame.endswith(b"\n"):
                     self.out.write(b"\n")
-                self.written += frame.count(b"\n") + (not frame.endswith(b"\n"))
+                self.written += len(lines)
             else:
                 if not self.rejected[reason]:
                     print(f"sink: rejected a frame ({reason}): {frame[:80]!r}", file=sys.stderr)

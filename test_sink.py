@@ -468,6 +468,7 @@ def test_values_json_cannot_encode_become_strings(tmp_path, tag, target, without
 BAD_MESSAGES = {
     "empty": [b""],
     "empty line": [b'{"a": 1}\n\n{"b": 2}'],
+    "only a line break": [b"\n"],
     "byte order mark": [b'\xef\xbb\xbf{"a": 1}'],
     "huge integer, then a BOM": [b'{"a": 123456789012345678901234567890}\n\xef\xbb\xbf{"b": 1}'],
     "not UTF-8": [b'{"text": "\xff\xfe"}'],
