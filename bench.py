@@ -219,6 +219,11 @@ def without_accelerators(workdir):
     return dict(os.environ, PYTHONPATH=str(shadow))
 
 
+def start_pushers(address):
+    return [subprocess.Popen([sys.executable, __file__, "push", address, str(RECORDS_PER_PUSHER)],
+                             preexec_fn=on_core(HELPER_CORE)) for _ in range(PUSHERS)]
+
+
 def sink_run(workdir, env):
     address = f"tcp://127.0.0.1:{free_port()}"
     out = workdir / "sink.jsonl"
@@ -228,8 +233,7 @@ def sink_run(workdir, env):
     while "listening on" not in stderr.read_text():
         time.sleep(0.05)
     rss = []
-    pushers = [subprocess.Popen([sys.executable, __file__, "push", address, str(RECORDS_PER_PUSHER)],
-                                preexec_fn=on_core(HELPER_CORE)) for _ in range(PUSHERS)]
+    pushers = start_pushers(address)
     process = psutil.Process(sink.pid)
     # The sink's progress line shows when it has written everything; its rate is from first to last arrival.
     while f"sink: {PUSHERS * RECORDS_PER_PUSHER} records" not in stderr.read_text():
@@ -253,8 +257,7 @@ def bare_run():
     pull = subprocess.Popen([sys.executable, __file__, "bare-pull", address, str(expected)],
                             stdout=subprocess.PIPE, text=True, preexec_fn=on_core(MEASURED_CORE))
     assert pull.stdout.readline().strip() == "ready"
-    pushers = [subprocess.Popen([sys.executable, __file__, "push", address, str(RECORDS_PER_PUSHER)],
-                                preexec_fn=on_core(HELPER_CORE)) for _ in range(PUSHERS)]
+    pushers = start_pushers(address)
     result = json.loads(pull.stdout.readline())
     for p in pushers + [pull]:
         p.wait()
