@@ -15,36 +15,45 @@ Settings (environment variables):
 ``ZMQ_SINK_QUEUE``          records a process holds while the sink is unreachable or slow (100000).
 ``ZMQ_SINK_FLUSH_TIMEOUT``  seconds a process spends delivering its queue when it quits (2).
 ``HOST``                    the ``hostname`` label on records (default: this machine's host name).
+``LOCUST_RESOURCE_INTERVAL``  seconds between a process's resource samples while a test runs (2); 0: none.
 
 Each line is one JSON object (spaces added here)::
 
     {"time": "2026-11-28T16:10:35.587Z", "loglevel": "INFO", "hostname": "loadgen-1",
-     "worker": "loadgen-1_5f0c...", "message": ...}
+     "worker": "loadgen-1_5f0c...", "run_id": "20261128T161020Z-9c1e04d2", "message": ...}
 
-``time`` is UTC. ``worker`` is Locust's id for the process (``hostname_uuid``). For a request the
-message is an object::
+``time`` is UTC. ``worker`` is Locust's id for the process (``hostname_uuid``). ``run_id`` names the
+test: one id for every process of a test, a new one for each test (``null`` before the first). For a
+request the message is an object::
 
     {"class": "request", "request_type": "GET", "name": "/", "result": "success" | "error",
      "response_time": 1.84, "response_length": 612, "exception": "<errors only>",
      "start_time": 1795882235.585, "url": "http://127.0.0.1:8089/", "other": <request context>}
+
+Every process that runs users adds, every ``LOCUST_RESOURCE_INTERVAL`` seconds while a test runs::
+
+    {"class": "resources", "cpu_percent": 23.5, "rss_bytes": 61440000, "user_count": 10}
 
 Anything else logged on ``logger`` (``logger.info("Task started")``) gives ``"message": "Task started"``.
 Everything above ``class WebsiteUser`` can be copied into another locustfile as it is; it needs Locust
 and pyzmq, and uses orjson, if installed, to encode ~10 times faster.
 """
 
+import argparse
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import deque
 from pathlib import Path
 
 import gevent
+import psutil
 import zmq
 from locust import FastHttpUser, between, events, task
-from locust.runners import WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 
 try:
     import orjson  # optional: encodes a record in ~1 µs instead of ~10 (README, Performance)
@@ -56,6 +65,7 @@ SINK_ADDRESS = os.environ.get("ZMQ_SINK_ADDRESS")
 QUEUE_LIMIT = int(os.environ.get("ZMQ_SINK_QUEUE", "100000"))
 FLUSH_TIMEOUT = float(os.environ.get("ZMQ_SINK_FLUSH_TIMEOUT", "2"))
 HOSTNAME = os.environ.get("HOST") or socket.gethostname()
+RESOURCE_INTERVAL = float(os.environ.get("LOCUST_RESOURCE_INTERVAL", "2"))
 
 # Records go to our own handlers only; propagating would print every request on Locust's console.
 logger = logging.getLogger("request_log")
@@ -84,10 +94,15 @@ class JsonFormatter(logging.Formatter):
 
     def __init__(self, hostname, worker):
         super().__init__()
-        # What every line of this process repeats is encoded once; per record only the message is.
-        self.identity = b'"hostname":%s,"worker":%s,' % (json_encoder.encode(hostname).encode(),
-                                                          json_encoder.encode(worker).encode())
+        self.hostname, self.worker = hostname, worker
         self.second, self.time_head = None, b""
+        self.set_run_id(None)
+
+    def set_run_id(self, run_id):
+        # What every line of this process repeats until the next test is encoded once; per record only
+        # the message is.
+        self.identity = b'"hostname":%s,"worker":%s,"run_id":%s,' % tuple(
+            json_encoder.encode(value).encode() for value in (self.hostname, self.worker, run_id))
 
     def format(self, record):
         message = record.msg if isinstance(record.msg, dict) else record.getMessage()
@@ -264,10 +279,24 @@ class RequestLog:
             handler.setFormatter(self.formatter)
             self.logger.addHandler(handler)
         if self.handlers:
+            environment.events.test_start.add_listener(self.on_test_start)
             environment.events.request.add_listener(self.on_request)
             # `quit` fires after the runner has stopped every user, so no request comes after it.
             environment.events.quit.add_listener(self.close)
             self.writer = gevent.spawn(self._write_forever)
+
+    def on_test_start(self, environment, **kwargs):
+        if isinstance(environment.runner, WorkerRunner):
+            # Locust copies the master's custom arguments into every spawn message, and a worker takes
+            # them in before it fires test_start and starts users: its first record already has the id.
+            run_id = environment.parsed_options.request_log_run_id
+        else:
+            # A local run or the master names each test, in UTC so that ids sort by start time.
+            run_id = time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + secrets.token_hex(4)
+            if isinstance(environment.runner, MasterRunner):
+                environment.parsed_options.request_log_run_id = run_id
+        self.write_pending()  # requests that ended before this test belong to the one before
+        self.formatter.set_run_id(run_id)
 
     def on_request(self, request_type, name, response_time, response_length, exception=None, context=None,
                    **kwargs):
@@ -318,12 +347,53 @@ class RequestLog:
             handler.close()
 
 
+class ResourceSampler:
+    """Logs the CPU, memory and user count of a process that runs users, every few seconds of a test."""
+
+    def __init__(self, logger, interval):
+        self.logger = logger
+        self.interval = interval
+        self.process = psutil.Process()
+        self.sampler = None
+
+    def register(self, environment):
+        if self.interval > 0 and self.logger.handlers and not isinstance(environment.runner, MasterRunner):
+            environment.events.test_start.add_listener(self.start)
+            environment.events.test_stop.add_listener(self.stop)
+            environment.events.quit.add_listener(self.stop)
+
+    def start(self, environment, **kwargs):
+        self.process.cpu_percent()  # from now on; psutil measures CPU between two calls
+        self.sampler = gevent.spawn(self._sample_forever, environment.runner)
+
+    def _sample_forever(self, runner):
+        while True:
+            gevent.sleep(self.interval)
+            # Percent of one core, as Locust's own warning above 90% counts it.
+            self.logger.info({"class": "resources", "cpu_percent": self.process.cpu_percent(),
+                              "rss_bytes": self.process.memory_info().rss, "user_count": runner.user_count})
+
+    def stop(self, **kwargs):
+        if self.sampler is not None:
+            self.sampler.kill()
+            self.sampler = None
+
+
 request_log = RequestLog(logger)
+resource_sampler = ResourceSampler(logger, RESOURCE_INTERVAL)
+
+
+@events.init_command_line_parser.add_listener
+def add_run_id_argument(parser):
+    # Not for users to set: the master fills it in at each test start, and Locust passes custom arguments
+    # to the workers with their spawn messages.
+    parser.add_argument("--request-log-run-id", help=argparse.SUPPRESS, include_in_web_ui=False)
 
 
 @events.init.add_listener
 def on_locust_init(environment, **kwargs):
     request_log.register(environment)
+    resource_sampler.register(environment)
 
 
 class WebsiteUser(FastHttpUser):

@@ -386,7 +386,7 @@ def test_record_format(tmp_path, tag, target, sinks):
     records = read_records(sink.log_file)
     assert sorted(map(json.dumps, records)) == sorted(map(json.dumps, read_records(local_file)))
     for record in records:
-        assert list(record) == ["time", "loglevel", "hostname", "worker", "message"]
+        assert list(record) == ["time", "loglevel", "hostname", "worker", "run_id", "message"]
         assert TIME_FORMAT.match(record["time"]), record["time"]
         when = datetime.fromisoformat(record["time"].replace("Z", "+00:00"))
         assert abs((when - started).total_seconds()) < 120
