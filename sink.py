@@ -319,12 +319,17 @@ class Collected:
 
     def take(self, record):
         """Count one record, or raise ValueError, before counting anything, if it lacks what is needed."""
-        message = record["message"]
+        message = record.get("message") if type(record) in OBJECTS else None
         kind = message.get("class") if type(message) in OBJECTS else None
         if kind == "request":
-            values = message["request_type"], message["name"], message["result"], message["response_time"]
+            request_type, name, result, response_time = (message["request_type"], message["name"], message["result"],
+                                                         message["response_time"])
+            if not (type(request_type) is type(name) is type(result) is str and is_number(response_time)):
+                raise ValueError("not a request record")
         elif kind == "resources":
-            values = message["cpu_percent"], message["rss_bytes"]
+            cpu, rss = message["cpu_percent"], message["rss_bytes"]
+            if not (is_number(cpu) and is_number(rss)):
+                raise ValueError("not a resource record")
         else:
             self.other += 1
             return
@@ -337,15 +342,10 @@ class Collected:
             return
         run = self.runs.get(run_id) or self.runs.setdefault(run_id, Run(self.timeline))
         if kind == "request":
-            request_type, name, result, response_time = values
-            if not (type(request_type) is type(name) is type(result) is str and is_number(response_time)):
-                raise ValueError("not a request record")
             run.add_request(when, worker, hostname, (request_type, name), response_time, result != "success")
             self.requests += 1
         else:
-            if not (is_number(values[0]) and is_number(values[1])):
-                raise ValueError("not a resource record")
-            run.add_sample(when, worker, hostname, *values)
+            run.add_sample(when, worker, hostname, cpu, rss)
             self.samples += 1
 
     def summary(self, path):

@@ -3,8 +3,11 @@ End-to-end tests: real sink.py processes, real ZeroMQ sockets, real Locust runs 
 target on 127.0.0.1 (200 on /, 404 elsewhere). Every test checks the data that came out.
 """
 
+import csv
 import json
+import math
 import os
+import random
 import re
 import signal
 import socket
@@ -13,6 +16,8 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
@@ -198,14 +203,31 @@ def assert_same_counts(records, stats):
     assert request_counts(records) == expected
 
 
+def samples_of(records):
+    return [r for r in records if isinstance(r["message"], dict) and r["message"].get("class") == "resources"]
+
+
+def the_run_id(records):
+    """The one run id that every record carries."""
+    run_ids = {r["run_id"] for r in records}
+    assert len(run_ids) == 1, run_ids
+    run_id = run_ids.pop()
+    assert isinstance(run_id, str) and run_id
+    return run_id
+
+
 # --- every Locust mode ------------------------------------------------------------------------
 
 def test_local_run_delivers_every_request(tmp_path, tag, target, sinks):
     sink = sinks()
-    code, stderr, stats = run_locust(tmp_path, tag, target, settings={"ZMQ_SINK_ADDRESS": sink.address})
+    code, stderr, stats = run_locust(tmp_path, tag, target, settings={
+        "ZMQ_SINK_ADDRESS": sink.address, "LOCUST_RESOURCE_INTERVAL": "0"})
     assert code == 0, stderr
     sink.stop()
-    assert_same_counts(read_records(sink.log_file), stats)
+    records = read_records(sink.log_file)
+    assert_same_counts(records, stats)
+    the_run_id(records)
+    assert not samples_of(records), "LOCUST_RESOURCE_INTERVAL=0 turns resource samples off"
     assert not locust_processes(tag)
 
 
@@ -224,6 +246,7 @@ def test_processes_run_delivers_every_request_from_each_process(tmp_path, tag, t
     assert_same_counts(records, stats)
     workers = {r["worker"] for r in requests_of(records)}
     assert len(workers) == 2
+    the_run_id(records)
     # Each worker wrote its own local file, and together they hold what the sink got.
     local_files = sorted(tmp_path.glob("local.*.jsonl"))
     assert [f.name for f in local_files] == sorted(f"local.{w}.jsonl" for w in workers)
@@ -257,6 +280,7 @@ def test_master_and_workers_deliver_every_request(tmp_path, tag, target, sinks):
     assert_same_counts(records, stats)
     assert len({r["worker"] for r in requests_of(records)}) == 2
     assert {r["hostname"] for r in requests_of(records)} == {"loadgen-1", "loadgen-2"}
+    the_run_id(records)
 
 
 def test_web_ui_run_with_processes_delivers_every_request(tmp_path, tag, target, sinks):
@@ -579,3 +603,299 @@ def test_sink_appends_and_never_truncates(tmp_path, tag, sinks):
         wait_for(lambda: len(complete_lines(second.log_file)) == 2, what="the second record")
     assert "1 records written" in second.stop()
     assert read_records(second.log_file) == [{"run": 1}, {"run": 2}]
+
+
+# --- runs and resource samples ----------------------------------------------------------------
+
+def test_resource_samples_come_from_each_worker_at_the_interval(tmp_path, tag, target, sinks):
+    sink = sinks()
+    port = str(free_port())
+    code, stderr, stats = run_locust(
+        tmp_path, tag, target, "--processes", "2", "--master-bind-host", "127.0.0.1",
+        "--master-bind-port", port, "--master-port", port,
+        settings={"ZMQ_SINK_ADDRESS": sink.address, "LOCUST_RESOURCE_INTERVAL": "0.5"},
+    )
+    assert code == 0, stderr
+    sink.stop()
+    records = read_records(sink.log_file)
+    run_id = the_run_id(records)
+    workers = {r["worker"] for r in requests_of(records)}
+    samples = samples_of(records)
+    assert {r["worker"] for r in samples} == workers and len(workers) == 2, "only processes running users sample"
+    for worker in workers:
+        mine = [r for r in samples if r["worker"] == worker]
+        times = [datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp() for r in mine]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert RUN_TIME / 0.5 - 2 <= len(mine) <= RUN_TIME / 0.5 + 1, times
+        assert all(0.45 <= gap <= 0.8 for gap in gaps), gaps
+        for record in mine:
+            message = record["message"]
+            assert set(message) == {"class", "cpu_percent", "rss_bytes", "user_count"}
+            assert record["run_id"] == run_id and record["loglevel"] == "INFO"
+            assert 0 <= message["cpu_percent"] <= 200
+            assert 20e6 < message["rss_bytes"] < 1e9
+            assert message["user_count"] in (0, 1, 2, 3, 4)
+        assert mine[-1]["message"]["user_count"] == 2, "4 users over 2 workers"
+    assert sum(1 for r in samples if r["message"]["cpu_percent"] > 0) > 0
+
+
+RUN_ID_LOCUSTFILE = """
+    import sys
+    sys.path.insert(0, {repo!r})
+    from locustfile import WebsiteUser, logger  # the hooks register themselves on import
+    from locust import events
+
+    @events.init.add_listener
+    def say_ready(environment, **kwargs):
+        logger.info("ready")  # before any test: run_id null
+"""
+
+
+def web_ui(port, path, form=None):
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", data=data, timeout=10) as response:
+        return json.loads(response.read() or b"null") if path != "/" else response.status
+
+
+def test_each_test_started_from_the_web_ui_gets_a_new_run_id(tmp_path, tag, target, sinks):
+    sink = sinks()
+    locustfile = tmp_path / "run_id_locustfile.py"
+    locustfile.write_text(textwrap.dedent(RUN_ID_LOCUSTFILE.format(repo=str(REPO))))
+    web_port, master_port = free_port(), str(free_port())
+    command = locust_command(target, "--web-host", "127.0.0.1", "--web-port", str(web_port), "--processes", "2",
+                             "--master-bind-host", "127.0.0.1", "--master-bind-port", master_port,
+                             "--master-port", master_port, locustfile=locustfile)
+    master = subprocess.Popen(command, cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink.address),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: master_ready(web_port), what="the web UI and 2 workers")
+        for _ in range(2):
+            assert web_ui(web_port, "/swarm", {"user_count": 4, "spawn_rate": 4, "host": target})["success"]
+            time.sleep(2)
+            web_ui(web_port, "/stop", {})
+            wait_for(lambda: web_ui(web_port, "/stats/requests")["state"] == "stopped", what="the test to stop")
+            wait_for(lambda: all(w["state"] == "ready" for w in web_ui(web_port, "/stats/requests")["workers"]),
+                     what="the workers to be ready again")
+        master.send_signal(signal.SIGTERM)
+        _, stderr = master.communicate(timeout=30)
+    finally:
+        master.kill()
+        master.wait()
+    assert master.returncode == 0, stderr
+    assert not locust_processes(tag)
+    sink.stop()
+    records = read_records(sink.log_file)
+    run_ids = sorted({r["run_id"] for r in requests_of(records)})
+    assert len(run_ids) == 2 and None not in run_ids
+    workers = {r["worker"] for r in requests_of(records)}
+    assert len(workers) == 2
+    for run_id in run_ids:
+        assert {r["worker"] for r in requests_of(records) if r["run_id"] == run_id} == workers
+    # Each process's records arrive in the order it made them: null until its first test, then the first
+    # test's id until the second test starts, then the second's. No request of a test carries another id.
+    for worker in workers:
+        mine = [r["run_id"] for r in records if r["worker"] == worker]
+        assert mine[0] is None and records[[r["worker"] for r in records].index(worker)]["message"] == "ready"
+        assert mine == sorted(mine, key=lambda run_id: (run_id is not None, run_id))
+    assert [r["run_id"] for r in records if r["message"] == "ready"] == [None] * 3  # master and 2 workers
+
+
+def master_ready(web_port):
+    try:
+        return web_ui(web_port, "/stats/requests").get("worker_count") == 2
+    except OSError:
+        return False
+
+
+def test_two_runs_into_one_file_get_two_run_ids_that_the_report_separates(tmp_path, tag, target, sinks):
+    sink = sinks()
+    stats = {}
+    for name in ("first", "second"):
+        code, stderr, stats[name] = run_locust(tmp_path, tag, target, name=name,
+                                               settings={"ZMQ_SINK_ADDRESS": sink.address})
+        assert code == 0, stderr
+    sink.stop()
+    records = read_records(sink.log_file)
+    run_ids = list(dict.fromkeys(r["run_id"] for r in records))  # in file order: the first run's first
+    assert len(run_ids) == 2 and None not in run_ids
+    for run_id, name in zip(run_ids, ("first", "second")):
+        assert_same_counts([r for r in records if r["run_id"] == run_id], stats[name])
+        output = report(sink.log_file, "--run", run_id)
+        assert list(output) == [run_id]
+        assert report_counts(output[run_id]) == locust_counts(stats[name])
+    both = report(sink.log_file)
+    assert list(both) == run_ids
+
+
+# --- the report -------------------------------------------------------------------------------
+
+def report(path, *args, expect_code=0):
+    """Run `sink.py --report` and return its tables: {run_id: {(type, name): row}}, rows as text columns."""
+    result = subprocess.run([sys.executable, str(REPO / "sink.py"), "--report", str(path), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == expect_code, result.stderr
+    assert "Traceback" not in result.stderr
+    tables, run_id = {}, None
+    for line in result.stdout.splitlines():
+        if line.startswith("Run "):
+            run_id = line.split()[1].rstrip(":")
+            tables[run_id] = {}
+        row = re.fullmatch(r"(\S*) +(\S+) +(\d+) +(\d+) +(\S+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)", line)
+        if row:
+            request_type, name, *columns = row.groups()
+            tables[run_id][(request_type, name)] = columns
+    report.stdout = result.stdout
+    return tables
+
+
+def report_counts(table):
+    """Per (type, name, result), like request_counts(), from a report's table."""
+    counts = Counter()
+    for (request_type, name), (requests, failures, *_) in table.items():
+        if name != "Aggregated":
+            counts[(request_type, name, "success")] += int(requests) - int(failures)
+            counts[(request_type, name, "error")] += int(failures)
+    return +counts
+
+
+def nearest_rank(values, percent):
+    """The percentile as the report defines it, computed another way: sort, then count."""
+    ordered = sorted(values)
+    return ordered[math.ceil(len(ordered) * percent / 100) - 1]
+
+
+def expected_row(values, failures, seconds):
+    return [str(len(values)), str(failures), f"{len(values) / seconds:.1f}",
+            *(f"{nearest_rank(values, p):.2f}" for p in (50, 90, 95, 99)), f"{max(values):.2f}"]
+
+
+def test_report_of_a_real_run_matches_locust_and_the_raw_values(tmp_path, tag, target, sinks):
+    sink = sinks()
+    port = str(free_port())
+    code, stderr, stats = run_locust(
+        tmp_path, tag, target, "--processes", "2", "--master-bind-host", "127.0.0.1",
+        "--master-bind-port", port, "--master-port", port, settings={"ZMQ_SINK_ADDRESS": sink.address},
+    )
+    assert code == 0, stderr
+    sink.stop()
+    records = read_records(sink.log_file)
+    run_id = the_run_id(records)
+    timeline = tmp_path / "timeline.csv"
+    table = report(sink.log_file, "--timeline", str(timeline))[run_id]
+    assert report_counts(table) == locust_counts(stats)
+    ends = [datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp() for r in requests_of(records)]
+    seconds = max(ends) - min(ends)
+    for key in [("GET", "/"), ("GET", "/does-not-exist")]:
+        values = [r["message"]["response_time"] for r in requests_of(records)
+                  if (r["message"]["request_type"], r["message"]["name"]) == key]
+        assert table[key] == expected_row(values, key[1] == "/does-not-exist" and len(values) or 0, seconds)
+    every = [r["message"]["response_time"] for r in requests_of(records)]
+    assert table[("", "Aggregated")] == expected_row(every, stats_failures(stats), seconds)
+    rows = list(csv.DictReader(timeline.open()))
+    assert sum(int(row["requests"]) for row in rows) == len(every)
+    assert {row["run_id"] for row in rows} == {run_id}
+
+
+def stats_failures(stats):
+    return sum(entry["num_failures"] for entry in stats)
+
+
+RUN_A, RUN_B = "20261128T100000Z-aaaaaaaa", "20261128T110000Z-bbbbbbbb"
+
+
+def record_line(second, run_id, message, worker="w1", millisecond=None):
+    millisecond = random.randrange(1000) if millisecond is None else millisecond
+    return json.dumps({"time": f"2026-11-28T{second}.{millisecond:03d}Z", "loglevel": "INFO", "hostname": "h-" + worker,
+                       "worker": worker, "run_id": run_id, "message": message})
+
+
+def request(request_type, name, response_time, failed=False):
+    return {"class": "request", "request_type": request_type, "name": name, "result": "error" if failed else "success",
+            "response_time": response_time, "response_length": 5, "other": {}}
+
+
+def test_report_percentiles_counts_and_timeline_on_hand_checkable_data(tmp_path):
+    random.seed(4)
+    seconds = [f"10:00:{n:02d}" for n in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)]  # nothing in 10:00:05
+    run_a = [("GET", "/a", float(v), v % 15 == 0) for v in range(1, 101)] + [("POST", "/b", v - 0.5, False)
+                                                                          for v in range(1, 11)]
+    random.shuffle(run_a)
+    placed = [(seconds[n % len(seconds)], *request_) for n, request_ in enumerate(run_a)]
+    lines = [record_line(second, RUN_A, request(*request_), worker=("w1", "w2")[n % 2],
+                         millisecond=0 if second in ("10:00:00", "10:00:10") else None)
+             for n, (second, *request_) in enumerate(placed)]
+    lines += [
+        record_line("10:00:02", RUN_A, {"class": "resources", "cpu_percent": 95.5, "rss_bytes": 61e6, "user_count": 5}),
+        record_line("10:00:07", RUN_A, {"class": "resources", "cpu_percent": 40, "rss_bytes": 62e6, "user_count": 5}),
+        record_line("10:00:02", RUN_A, {"class": "resources", "cpu_percent": 50.0, "rss_bytes": 63e6, "user_count": 5},
+                    worker="w2"),
+        *(record_line("11:00:00", RUN_B, request("GET", "/a", v), millisecond=0) for v in (5, 1, 3)),
+        record_line("09:59:59", None, request("GET", "/a", 7)),
+        # Skipped: JSON, but not a request or resource record.
+        record_line("10:00:01", RUN_A, "Task started"),
+        record_line("10:00:01", RUN_A, {"class": "custom", "value": 1}),
+        '{"a": 1}', "[1, 2]", '"text"',
+        # Unreadable: not JSON, or a request or resource record without what the report needs.
+        "garbage", '{"time": ', "", record_line("10:00:01", RUN_A, {**request("GET", "/a", 1), "response_time": "fast"}),
+        record_line("10:00:01", RUN_A, request("GET", "/a", 1)).replace('"worker": "w1", ', ""),
+        record_line("10:00:01", RUN_A, request("GET", "/a", 1)).replace("2026-11-28T", "28/11/2026 "),
+        record_line("10:00:01", RUN_A, request("GET", "/a", 1)).replace("1.0", "NaN").replace(': 1,', ": NaN,"),
+        record_line("10:00:01", RUN_A, {"class": "resources", "cpu_percent": None, "rss_bytes": 1, "user_count": 0}),
+    ]
+    collected = tmp_path / "collected.jsonl"
+    collected.write_bytes(("\n".join(lines) + "\n").encode() + b'{"bad": "\xff"}\n')
+    timeline = tmp_path / "timeline.csv"
+
+    tables = report(collected, "--timeline", str(timeline))
+    assert list(tables) == [RUN_A, RUN_B, "null"]
+    # 100 values 1..100, 10 values 0.5..9.5; 10.000 s from the first request's end to the last's.
+    assert tables[RUN_A] == {
+        ("GET", "/a"): ["100", "6", "10.0", "50.00", "90.00", "95.00", "99.00", "100.00"],
+        ("POST", "/b"): ["10", "0", "1.0", "4.50", "8.50", "9.50", "9.50", "9.50"],
+        ("", "Aggregated"): ["110", "6", "11.0", "45.00", "89.00", "95.00", "99.00", "100.00"],
+    }
+    assert tables[RUN_B] == {("GET", "/a"): ["3", "0", "-", "3.00", "5.00", "5.00", "5.00", "5.00"],
+                             ("", "Aggregated"): ["3", "0", "-", "3.00", "5.00", "5.00", "5.00", "5.00"]}
+    assert tables["null"][("GET", "/a")][0] == "1"
+    assert (f"{collected}: request records 114, resource samples 3, other lines skipped 5, unreadable lines 9 "
+            f"(the first: line {lines.index('garbage') + 1})") in report.stdout
+    warnings = [line for line in report.stdout.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING: worker w1 reached 95.5% CPU, above 90%")
+    assert re.search(r"^w1 +h-w1 +55 +2 +95.5% +62.0 MB$", report.stdout, re.MULTILINE)
+    assert re.search(r"^w2 +h-w2 +55 +1 +50.0% +63.0 MB$", report.stdout, re.MULTILINE)
+
+    rows = list(csv.reader(timeline.open()))
+    assert rows[0] == ["run_id", "second", "requests", "failures", "p50_ms", "p95_ms", "p99_ms", "max_ms",
+                       "max_worker_cpu_percent"]
+    run_a_rows = [row for row in rows if row[0] == RUN_A]
+    assert [row[1] for row in run_a_rows] == [f"2026-11-28T10:00:{n:02d}Z" for n in range(11)]
+    cpu = {"10:00:02": "95.5", "10:00:07": "40"}
+    for row in run_a_rows:
+        second = row[1][11:19]
+        values = [v for s, _, _, v, _ in placed if s == second]
+        failures = sum(failed for s, _, _, _, failed in placed if s == second)
+        assert row[2:4] == [str(len(values)), str(failures)]
+        assert row[4:8] == ([repr(nearest_rank(values, p)) for p in (50, 95, 99)] + [repr(max(values))]
+                            if values else [""] * 4)
+        assert row[8] == cpu.get(second, "")
+    assert [row for row in rows if row[0] == RUN_B] == [[RUN_B, "2026-11-28T11:00:00Z", "3", "0", "3.0", "5.0", "5.0", "5.0", ""]]
+    assert [row[:3] for row in rows if row[0] == ""] == [["", "2026-11-28T09:59:59Z", "1"]]
+
+    # --run keeps one run; what the other runs hold is still read, so the counts of lines stay the same.
+    only_b = report(collected, "--run", RUN_B)
+    assert only_b == {RUN_B: tables[RUN_B]}
+    assert "resource samples 0 (of run 20261128T110000Z-bbbbbbbb), other lines skipped 5, unreadable lines 9" in report.stdout
+
+
+def test_report_of_an_empty_file_or_an_unknown_run(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert report(empty) == {}
+    assert "holds no request records and no resource samples: nothing to report" in report.stdout
+    unreadable = tmp_path / "unreadable.jsonl"
+    unreadable.write_text("not json\n{\n")
+    assert report(unreadable) == {}
+    assert "unreadable lines 2 (the first: line 1)" in report.stdout
+    one_run = tmp_path / "one_run.jsonl"
+    one_run.write_text(record_line("10:00:00", RUN_A, request("GET", "/", 1)) + "\n")
+    assert report(one_run, "--run", RUN_B, expect_code=1) == {}
