@@ -353,11 +353,11 @@ class ResourceSampler:
     def __init__(self, logger, interval):
         self.logger = logger
         self.interval = interval
-        self.process = psutil.Process()
-        self.sampler = None
+        self.process = self.sampler = None
 
     def register(self, environment):
         if self.interval > 0 and self.logger.handlers and not isinstance(environment.runner, MasterRunner):
+            self.process = psutil.Process()  # this process, after any fork: made at import, it was the parent
             environment.events.test_start.add_listener(self.start)
             environment.events.test_stop.add_listener(self.stop)
             environment.events.quit.add_listener(self.stop)

@@ -607,12 +607,32 @@ def test_sink_appends_and_never_truncates(tmp_path, tag, sinks):
 
 # --- runs and resource samples ----------------------------------------------------------------
 
+BUSY_LOCUSTFILE = """
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    import locustfile  # the hooks register themselves on import
+    from locust import FastHttpUser, constant, task
+
+    class BusyUser(FastHttpUser):
+        wait_time = constant(0)
+
+        @task
+        def busy(self):
+            self.client.get("/")
+            deadline = time.perf_counter() + 0.02
+            while time.perf_counter() < deadline:
+                pass  # keeps the worker's CPU busy, and its master's idle
+"""
+
+
 def test_resource_samples_come_from_each_worker_at_the_interval(tmp_path, tag, target, sinks):
     sink = sinks()
     port = str(free_port())
+    locustfile = tmp_path / "busy_locustfile.py"
+    locustfile.write_text(textwrap.dedent(BUSY_LOCUSTFILE.format(repo=str(REPO))))
     code, stderr, stats = run_locust(
         tmp_path, tag, target, "--processes", "2", "--master-bind-host", "127.0.0.1",
-        "--master-bind-port", port, "--master-port", port,
+        "--master-bind-port", port, "--master-port", port, locustfile=locustfile,
         settings={"ZMQ_SINK_ADDRESS": sink.address, "LOCUST_RESOURCE_INTERVAL": "0.5"},
     )
     assert code == 0, stderr
@@ -622,6 +642,7 @@ def test_resource_samples_come_from_each_worker_at_the_interval(tmp_path, tag, t
     workers = {r["worker"] for r in requests_of(records)}
     samples = samples_of(records)
     assert {r["worker"] for r in samples} == workers and len(workers) == 2, "only processes running users sample"
+    output = report_output(sink.log_file)
     for worker in workers:
         mine = [r for r in samples if r["worker"] == worker]
         times = [datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp() for r in mine]
@@ -636,7 +657,14 @@ def test_resource_samples_come_from_each_worker_at_the_interval(tmp_path, tag, t
             assert 20e6 < message["rss_bytes"] < 1e9
             assert message["user_count"] in (0, 1, 2, 3, 4)
         assert mine[-1]["message"]["user_count"] == 2, "4 users over 2 workers"
-    assert sum(1 for r in samples if r["message"]["cpu_percent"] > 0) > 0
+        # The worker's own CPU, not its idle master's: the users spin between requests.
+        peak = max(r["message"]["cpu_percent"] for r in mine)
+        assert peak > 50, [r["message"]["cpu_percent"] for r in mine]
+        row = re.search(rf"^{worker} +\S+ +(\d+) +(\d+) +([\d.]+)% +([\d.]+) MB$", output, re.MULTILINE)
+        assert row.groups() == (str(len(requests_of([r for r in records if r["worker"] == worker]))), str(len(mine)),
+                                f"{peak:.1f}", f"{max(r['message']['rss_bytes'] for r in mine) / 1e6:.1f}")
+        warned = f"WARNING: worker {worker} reached {peak:.1f}% CPU, above 90%" in output
+        assert warned == (peak > 90)
 
 
 RUN_ID_LOCUSTFILE = """
@@ -746,6 +774,11 @@ def report(path, *args, expect_code=0):
             tables[run_id][(request_type, name)] = columns
     report.stdout = result.stdout
     return tables
+
+
+def report_output(path):
+    report(path)
+    return report.stdout
 
 
 def report_counts(table):
