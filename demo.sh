@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A complete run on this machine: a sink, an HTTP target, and Locust with 2 worker processes
-# pushing every request to the sink for 10 seconds. Ends by itself and shows what was collected.
+# pushing every request to the sink for 30 seconds, 40 users started at 4 a second. Ends by itself,
+# shows what was collected and prints the report of it, with a per-second timeline beside it.
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/locust ] || { python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt; }
@@ -14,7 +15,7 @@ sink=$!
 trap 'kill $target $sink 2>/dev/null || true' EXIT
 
 ZMQ_SINK_ADDRESS=tcp://127.0.0.1:5555 LOCUST_LOG_FILE="$out/local.jsonl" \
-  .venv/bin/locust -f locustfile.py --headless --processes 2 -u 20 -r 20 -t 10s \
+  .venv/bin/locust -f locustfile.py --headless --processes 2 -u 40 -r 4 -t 30s \
   -H http://127.0.0.1:8000 --exit-code-on-error 0 --only-summary --json-file "$out/locust-stats"
 
 kill -TERM $sink && wait $sink
@@ -26,3 +27,5 @@ grep -m 1 '"result":"error"' "$out/requests.jsonl"
 echo "Requests Locust counted: $(.venv/bin/python -c 'import json, sys; print(sum(e["num_requests"] for e in json.load(open(sys.argv[1]))))' "$out/locust-stats.json");" \
   "request records in the file: $(grep -c '"class":"request"' "$out/requests.jsonl")"
 echo "Each worker's own copy: $(ls "$out"/local.*.jsonl | tr '\n' ' ')"
+echo
+.venv/bin/python sink.py --report "$out/requests.jsonl" --timeline "$out/timeline.csv"
