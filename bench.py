@@ -1,7 +1,7 @@
 """
 Benchmark: what logging every request costs a Locust process, and how fast one sink writes.
 
-    python bench.py                 # about 4 minutes on a 2-core machine; --rounds N for more repeats
+    python bench.py                 # about 9 minutes on a 2-core machine; --rounds N for more repeats
 
 Everything runs on 127.0.0.1 and is started and stopped here:
 
@@ -13,11 +13,14 @@ Everything runs on 127.0.0.1 and is started and stopped here:
    separated by line breaks) to sink.py, and to a bare PULL loop that only counts them. Every line the sink wrote is then
    parsed with json.loads. Target: 100 times the request rate of one saturated Locust process from part 1.
 3. Memory. The sink's RSS while it writes; a Locust process's RSS while its sink is down and its queue fills.
+4. Report. `sink.py --report --timeline` on a collected file of 2 million records: time and peak RSS,
+   with and without simdjson.
 """
 
 import argparse
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -43,6 +46,7 @@ WARMUP, SLICE, WINDOW = 2.0, 0.25, 48.0
 MEASURED_CORE, HELPER_CORE = {0}, {os.cpu_count() - 1}
 # A saturated worker's handler sends ~150 records a frame (its queue every 50 ms); 200 is close to that.
 PUSHERS, RECORDS_PER_PUSHER, RECORDS_PER_FRAME = 2, 500_000, 200
+REPORT_RECORDS = 2_000_000
 VARIANTS = ["no hooks", "CsvRequestLogger", "this project", "this project, json module"]
 
 MEASURED_LOCUSTFILE = """
@@ -143,7 +147,7 @@ def sample_frame(n=RECORDS_PER_FRAME):
     records = [json.dumps({
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{i % 1000:03d}Z",
         "loglevel": "INFO", "hostname": "loadgen-1", "worker": "loadgen-1_5f0c3b9e2d7a4c51a8e6f0b1c2d3e4f5",
-        "message": {"class": "request", "request_type": "GET", "name": "/", "result": "success",
+        "run_id": "20261128T161020Z-9c1e04d2", "message": {"class": "request", "request_type": "GET", "name": "/", "result": "success",
                     "response_time": 1.5 + i / 997, "response_length": 5, "start_time": now + i / 1000,
                     "url": "http://127.0.0.1:8000/", "other": {}},
     }).encode() for i in range(n)]
@@ -280,6 +284,47 @@ def queue_memory(workdir, host, queue_limit=20_000, seconds=16):
     return rss, report[0].split(": ", 1)[1] if report else "no report"
 
 
+# --- part 4: the report ------------------------------------------------------------------------
+
+def write_collected(path, records):
+    """A collected file as a sink writes one: 8 workers, 5 names, 10% failures, random response times
+    (sorting them costs more than sorting repeats would), and a resource sample every 375 records, from
+    each worker in turn."""
+    rng = random.Random(1)
+    start = time.time()
+    with open(path, "w") as out:
+        for i in range(records):
+            when = start + i / 3000
+            worker = (i // 375 if i % 375 == 0 else i) % 8
+            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z",
+                      "loglevel": "INFO", "hostname": f"loadgen-{worker % 4}",
+                      "worker": f"loadgen-{worker % 4}_{worker:032x}", "run_id": "20261128T161020Z-9c1e04d2"}
+            if i % 375 == 0:
+                record["message"] = {"class": "resources", "cpu_percent": rng.uniform(20, 95), "rss_bytes": 60_000_000,
+                                     "user_count": 10}
+            else:
+                name = ("/", "/login", "/items", "/items/{id}", "/does-not-exist")[i % 5]
+                record["message"] = {"class": "request", "request_type": "GET", "name": name,
+                                     "result": "error" if rng.random() < 0.1 else "success",
+                                     "response_time": rng.lognormvariate(2.5, 1), "response_length": 612,
+                                     "start_time": when - 0.01, "url": "http://127.0.0.1:8000" + name, "other": {}}
+            out.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+
+def report_run(collected, env):
+    """Seconds and peak RSS of one `sink.py --report --timeline` over the file."""
+    started = time.monotonic()
+    report = subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--report", str(collected),
+                               "--timeline", str(collected.with_suffix(".csv"))],
+                              stdout=subprocess.PIPE, text=True, env=env, preexec_fn=on_core(MEASURED_CORE))
+    output = report.stdout.read()
+    _, status, usage = os.wait4(report.pid, 0)  # wait4, for the peak RSS of this process alone
+    report.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    samples = len(range(0, REPORT_RECORDS, 375))
+    assert report.returncode == 0 and f"records {REPORT_RECORDS - samples}, resource samples {samples}," in output, output
+    return {"seconds": time.monotonic() - started, "max_rss": usage.ru_maxrss * 1024}
+
+
 # --- the table ---------------------------------------------------------------------------------
 
 def main():
@@ -305,6 +350,14 @@ def main():
                 plain_sinks.append(sink_run(workdir, without_accelerators(workdir)))
             print("part 3: a Locust process's queue while its sink is down", file=sys.stderr)
             queue_rss, queue_report = queue_memory(workdir, host)
+            print("part 4: the report", file=sys.stderr)
+            collected = workdir / "collected.jsonl"
+            write_collected(collected, REPORT_RECORDS)
+            reports = {"with simdjson": [], "json module only": []}
+            for _ in range(args.sink_rounds):
+                reports["with simdjson"].append(report_run(collected, os.environ))
+                reports["json module only"].append(report_run(collected, without_accelerators(workdir)))
+            collected_bytes = collected.stat().st_size
         finally:
             target.kill()
             target.wait()
@@ -344,6 +397,15 @@ def main():
           f"{' '.join(f'{x / mb:.1f}' for x in rss)} MB (one sample each 0.5 s)")
     print(f"- Locust process, sink down, ZMQ_SINK_QUEUE=20000: RSS {' '.join(f'{x / mb:.0f}' for x in queue_rss)} MB "
           f"(one sample a second); at exit: {queue_report}")
+
+    print(f"\nReport: sink.py --report --timeline over {REPORT_RECORDS:,} records ({collected_bytes / 1e6:.0f} MB); "
+          f"median of {args.sink_rounds}")
+    print("| sink.py | seconds | records/s | peak RSS |")
+    print("|---|---|---|---|")
+    for label, runs_of_report in reports.items():
+        seconds = statistics.median(r["seconds"] for r in runs_of_report)
+        peak = max(r["max_rss"] for r in runs_of_report)
+        print(f"| {label} | {seconds:.1f} | {REPORT_RECORDS / seconds:,.0f} | {peak / mb:.0f} MB |")
 
 
 def platform_line():

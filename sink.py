@@ -384,10 +384,12 @@ def print_run(run_id, run):
         ordered = array("d", heapq.merge(*run.response_times.values()))
         print(table_row("", "Aggregated", width, request_columns(ordered, sum(run.failures.values()), span)))
     print()
-    print(f"{'Worker':<40} {'host':<16} {'requests':>9} {'samples':>8} {'peak CPU':>9} {'peak RSS':>10}")
+    names = max([len("Worker")] + [len(name) for name in run.workers])
+    hosts = max([len("host")] + [len(worker.hostname) for worker in run.workers.values()])
+    print(f"{'Worker':<{names}} {'host':<{hosts}} {'requests':>9} {'samples':>8} {'peak CPU':>9} {'peak RSS':>10}")
     for name, worker in sorted(run.workers.items()):
         cpu, rss = (f"{worker.peak_cpu:.1f}%", f"{worker.peak_rss / 1e6:.1f} MB") if worker.samples else ("-", "-")
-        print(f"{name:<40} {worker.hostname:<16} {worker.requests:>9} {worker.samples:>8} {cpu:>9} {rss:>10}")
+        print(f"{name:<{names}} {worker.hostname:<{hosts}} {worker.requests:>9} {worker.samples:>8} {cpu:>9} {rss:>10}")
     for name, worker in sorted(run.workers.items()):
         if worker.peak_cpu > CPU_WARNING:
             print(f"WARNING: worker {name} reached {worker.peak_cpu:.1f}% CPU, above {CPU_WARNING}%: its response "
