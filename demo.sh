@@ -4,7 +4,8 @@
 # shows what was collected and prints the report of it, with a per-second timeline beside it.
 set -euo pipefail
 cd "$(dirname "$0")"
-[ -x .venv/bin/locust ] || { python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt; }
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q -r requirements.txt
 out=$(mktemp -d)
 mkdir "$out/www"  # an empty folder: http.server answers 200 on / and 404 elsewhere
 
@@ -29,3 +30,22 @@ echo "Requests Locust counted: $(.venv/bin/python -c 'import json, sys; print(su
 echo "Each worker's own copy: $(ls "$out"/local.*.jsonl | tr '\n' ' ')"
 echo
 .venv/bin/python sink.py --report "$out/requests.jsonl" --timeline "$out/timeline.csv"
+echo
+echo "Locust's own percentiles of the same run (its --json-file, through Locust's own function), from response"
+echo "times it rounds on arrival: to whole ms, and above 100 ms to 2 significant digits (1035.80 is kept as 1000):"
+.venv/bin/python - "$out/locust-stats.json" <<'PY'
+import json, sys
+from collections import Counter
+from locust.stats import calculate_response_time_percentile
+
+print(f"{'Type':<6} {'Name':<15} {'requests':>9} " + " ".join(f"{c:>9}" for c in ("p50", "p90", "p95", "p99", "max")))
+total, slowest = Counter(), 0
+for entry in json.load(open(sys.argv[1])):
+    times = Counter({int(ms): n for ms, n in entry["response_times"].items()})
+    total, slowest = total + times, max(slowest, entry["max_response_time"])
+    row = [calculate_response_time_percentile(times, entry["num_requests"], p / 100) for p in (50, 90, 95, 99)]
+    print(f"{entry['method']:<6} {entry['name']:<15} {entry['num_requests']:>9} "
+          + " ".join(f"{ms:>9}" for ms in row) + f" {entry['max_response_time']:>9.2f}")
+row = [calculate_response_time_percentile(total, total.total(), p / 100) for p in (50, 90, 95, 99)]
+print(f"{'':<6} {'Aggregated':<15} {total.total():>9} " + " ".join(f"{ms:>9}" for ms in row) + f" {slowest:>9.2f}")
+PY
