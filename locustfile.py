@@ -9,12 +9,12 @@ Usage::
 
 Settings (environment variables):
 
-``LOCUST_LOG_FILE``         local JSON-lines file; unset: none. A worker process writes
-                            ``<name>.<worker>.jsonl`` instead, so no two processes share a file.
-``ZMQ_SINK_ADDRESS``        where ``sink.py`` listens, e.g. ``tcp://10.0.0.5:5555``; unset: no pushing.
-``ZMQ_SINK_QUEUE``          records a process holds while the sink is unreachable or slow (100000).
-``ZMQ_SINK_FLUSH_TIMEOUT``  seconds a process spends delivering its queue when it quits (2).
-``HOST``                    the ``hostname`` label on records (default: this machine's host name).
+``LOCUST_LOG_FILE``           local JSON-lines file; unset: none. A worker process writes
+                              ``<name>.<worker>.jsonl`` instead, so no two processes share a file.
+``ZMQ_SINK_ADDRESS``          where ``sink.py`` listens, e.g. ``tcp://10.0.0.5:5555``; unset: no pushing.
+``ZMQ_SINK_QUEUE``            records a process holds while the sink is unreachable or slow (100000).
+``ZMQ_SINK_FLUSH_TIMEOUT``    seconds a process spends delivering its queue when it quits (2).
+``HOST``                      the ``hostname`` label on records (default: this machine's host name).
 ``LOCUST_RESOURCE_INTERVAL``  seconds between a process's resource samples while a test runs (2); 0: none.
 
 Each line is one JSON object (spaces added here)::

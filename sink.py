@@ -163,62 +163,7 @@ class Sink:
                 f"{sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else ""))
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bind", default=os.environ.get("ZMQ_SINK_BIND", "tcp://*:5555"),
-                        help="ZeroMQ address to bind the PULL socket to (env ZMQ_SINK_BIND; default %(default)s)")
-    parser.add_argument("--log-file", default=os.environ.get("ZMQ_SINK_LOG_FILE", "requests.jsonl"),
-                        help="JSON-lines file to append to, never truncated (env ZMQ_SINK_LOG_FILE; default %(default)s)")
-    parser.add_argument("--report", metavar="FILE", help="instead of collecting, print a report of a collected file")
-    parser.add_argument("--run", metavar="RUN_ID", help="with --report: only this run")
-    parser.add_argument("--timeline", metavar="OUT.csv", help="with --report: also write one CSV row per second and run")
-    args = parser.parse_args()
-    if (args.run or args.timeline) and not args.report:
-        parser.error("--run and --timeline go with --report")
-    return args
-
-
-def main():
-    args = parse_args()
-    if args.report:
-        sys.exit(report(args.report, args.run, args.timeline))
-    stopping = []
-    # The handler only sets a flag: an exception raised inside a write could leave half a line.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: stopping.append(signum))
-
-    context = zmq.Context()
-    pull = context.socket(zmq.PULL)
-    pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-    pull.setsockopt(zmq.RCVHWM, RCVHWM)
-    pull.bind(args.bind)
-    endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
-    print(f"sink: listening on {endpoint}, appending to {args.log_file}, checking records with "
-          f"{'simdjson' if simdjson else 'the json module'}", file=sys.stderr, flush=True)
-
-    with open(args.log_file, "ab") as out:
-        sink = Sink(out)
-        last_counts, last_time = sink.counts(), time.monotonic()
-        while not stopping:
-            if pull.poll(100):
-                sink.drain(pull, max_seconds=0.5)
-            now = time.monotonic()
-            if now - last_time >= PROGRESS_EVERY:
-                out.flush()  # so a reader of the file sees what we have counted
-                if sink.counts() != last_counts:
-                    new = sink.counts()[0] - last_counts[0]
-                    print(f"sink: {sink.written} records (+{new / (now - last_time):.0f}/s), "
-                          f"{sink.counts()[1]} frames rejected", file=sys.stderr, flush=True)
-                last_counts, last_time = sink.counts(), now
-        # What already arrived is written; the file is then closed holding whole lines only.
-        sink.drain(pull, max_seconds=2.0)
-    pull.close(linger=0)
-    context.term()
-    print(f"sink: stopped by {signal.Signals(stopping[0]).name}: {sink.summary()} to {args.log_file}",
-          file=sys.stderr, flush=True)
-
-
-# --- The report: `python sink.py --report FILE` ----------------------------------------------
+# --- The report: `python sink.py --report FILE` ---------------------------------------------------
 
 PERCENTILES = (50, 90, 95, 99)
 TIMELINE_PERCENTILES = (50, 95, 99)
@@ -445,6 +390,64 @@ def report(path, only_run, timeline_path):
         write_timeline(timeline_path, collected.runs.items())
         print(f"Timeline: {timeline_path}")
     return 0
+
+
+# --- The command line: collect, or report ---------------------------------------------------------
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bind", default=os.environ.get("ZMQ_SINK_BIND", "tcp://*:5555"),
+                        help="ZeroMQ address to bind the PULL socket to (env ZMQ_SINK_BIND; default %(default)s)")
+    parser.add_argument("--log-file", default=os.environ.get("ZMQ_SINK_LOG_FILE", "requests.jsonl"),
+                        help="JSON-lines file to append to, never truncated (env ZMQ_SINK_LOG_FILE; default %(default)s)")
+    parser.add_argument("--report", metavar="FILE", help="instead of collecting, print a report of a collected file")
+    parser.add_argument("--run", metavar="RUN_ID", help="with --report: only this run")
+    parser.add_argument("--timeline", metavar="OUT.csv", help="with --report: also write one CSV row per second and run")
+    args = parser.parse_args()
+    if (args.run or args.timeline) and not args.report:
+        parser.error("--run and --timeline go with --report")
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.report:
+        sys.exit(report(args.report, args.run, args.timeline))
+    stopping = []
+    # The handler only sets a flag: an exception raised inside a write could leave half a line.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: stopping.append(signum))
+
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    pull.setsockopt(zmq.RCVHWM, RCVHWM)
+    pull.bind(args.bind)
+    endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
+    print(f"sink: listening on {endpoint}, appending to {args.log_file}, checking records with "
+          f"{'simdjson' if simdjson else 'the json module'}", file=sys.stderr, flush=True)
+
+    with open(args.log_file, "ab") as out:
+        sink = Sink(out)
+        last_counts, last_time = sink.counts(), time.monotonic()
+        while not stopping:
+            if pull.poll(100):
+                sink.drain(pull, max_seconds=0.5)
+            now = time.monotonic()
+            if now - last_time >= PROGRESS_EVERY:
+                out.flush()  # so a reader of the file sees what we have counted
+                if sink.counts() != last_counts:
+                    new = sink.counts()[0] - last_counts[0]
+                    print(f"sink: {sink.written} records (+{new / (now - last_time):.0f}/s), "
+                          f"{sink.counts()[1]} frames rejected", file=sys.stderr, flush=True)
+                last_counts, last_time = sink.counts(), now
+        # What already arrived is written; the file is then closed holding whole lines only.
+        sink.drain(pull, max_seconds=2.0)
+    pull.close(linger=0)
+    context.term()
+    print(f"sink: stopped by {signal.Signals(stopping[0]).name}: {sink.summary()} to {args.log_file}",
+          file=sys.stderr, flush=True)
+
 
 if __name__ == "__main__":
     main()
