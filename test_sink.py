@@ -154,6 +154,12 @@ def wait_for(condition, what, timeout=30):
         time.sleep(0.05)
 
 
+def write_locustfile(path, source):
+    """A locustfile that can import ours, which registers the hooks when imported."""
+    path.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + textwrap.dedent(source))
+    return path
+
+
 def locust_command(target, *args, locustfile=LOCUSTFILE):
     return [sys.executable, "-m", "locust", "-f", str(locustfile), "-H", target, "--exit-code-on-error", "0",
             "--loglevel", "INFO", *args]
@@ -350,8 +356,6 @@ def test_sink_never_started_run_ends_and_reports_what_was_lost(tmp_path, tag, ta
 
 
 BIG_RECORDS_LOCUSTFILE = """
-    import sys
-    sys.path.insert(0, {repo!r})
     import locustfile  # the hooks register themselves on import
     from locust import FastHttpUser, constant, task
 
@@ -360,7 +364,7 @@ BIG_RECORDS_LOCUSTFILE = """
 
         @task
         def big(self):
-            self.client.get("/", context={{"padding": "x" * 100_000}})
+            self.client.get("/", context={"padding": "x" * 100_000})
 """
 
 
@@ -370,8 +374,7 @@ def test_stalled_sink_does_not_slow_the_run(tmp_path, tag, target):
     stalled = context.socket(zmq.PULL)
     stalled.setsockopt(zmq.RCVHWM, 1)
     port = stalled.bind_to_random_port("tcp://127.0.0.1")
-    locustfile = tmp_path / "big_locustfile.py"
-    locustfile.write_text(textwrap.dedent(BIG_RECORDS_LOCUSTFILE.format(repo=str(REPO))))
+    locustfile = write_locustfile(tmp_path / "big_locustfile.py", BIG_RECORDS_LOCUSTFILE)
     local_file = tmp_path / "local.jsonl"
     try:
         code, stderr, stats = run_locust(tmp_path, tag, target, locustfile=locustfile, settings={
@@ -435,8 +438,6 @@ def test_record_format(tmp_path, tag, target, sinks):
 
 
 ODD_VALUES_LOCUSTFILE = """
-    import sys
-    sys.path.insert(0, {repo!r})
     from locustfile import logger  # the hooks register themselves on import
     from locust import FastHttpUser, constant, task
 
@@ -455,10 +456,10 @@ ODD_VALUES_LOCUSTFILE = """
 
         @task
         def odd(self):
-            circular = {{}}
+            circular = {}
             circular["self"] = circular
-            for context in ({{"bytes": b"\\xff\\x00", "object": Opaque(), "error": ValueError("boom")}},
-                            {{(1, 2): "tuple key"}}, {{"nan": float("nan")}}, circular, {{"broken": Broken()}}):
+            for context in ({"bytes": b"\\xff\\x00", "object": Opaque(), "error": ValueError("boom")},
+                            {(1, 2): "tuple key"}, {"nan": float("nan")}, circular, {"broken": Broken()}):
                 with self.client.get("/", name="odd", context=context, catch_response=True) as response:
                     response.failure(ValueError("custom failure"))
             logger.info("%s and %s", b"\\xfe", Opaque())
@@ -467,8 +468,7 @@ ODD_VALUES_LOCUSTFILE = """
 
 @pytest.mark.parametrize("orjson", [True, False], ids=["orjson", "json module"])
 def test_values_json_cannot_encode_become_strings(tmp_path, tag, target, without_accelerators, orjson):
-    locustfile = tmp_path / "odd_locustfile.py"
-    locustfile.write_text(textwrap.dedent(ODD_VALUES_LOCUSTFILE.format(repo=str(REPO))))
+    locustfile = write_locustfile(tmp_path / "odd_locustfile.py", ODD_VALUES_LOCUSTFILE)
     local_file = tmp_path / "local.jsonl"
     code, stderr, stats = run_locust(tmp_path, tag, target, locustfile=locustfile, settings={
         "LOCUST_LOG_FILE": str(local_file), **({} if orjson else without_accelerators)})
@@ -608,8 +608,7 @@ def test_sink_appends_and_never_truncates(tmp_path, tag, sinks):
 # --- runs and resource samples ----------------------------------------------------------------
 
 BUSY_LOCUSTFILE = """
-    import sys, time
-    sys.path.insert(0, {repo!r})
+    import time
     import locustfile  # the hooks register themselves on import
     from locust import FastHttpUser, constant, task
 
@@ -628,8 +627,7 @@ BUSY_LOCUSTFILE = """
 def test_resource_samples_come_from_each_worker_at_the_interval(tmp_path, tag, target, sinks):
     sink = sinks()
     port = str(free_port())
-    locustfile = tmp_path / "busy_locustfile.py"
-    locustfile.write_text(textwrap.dedent(BUSY_LOCUSTFILE.format(repo=str(REPO))))
+    locustfile = write_locustfile(tmp_path / "busy_locustfile.py", BUSY_LOCUSTFILE)
     code, stderr, stats = run_locust(
         tmp_path, tag, target, "--processes", "2", "--master-bind-host", "127.0.0.1",
         "--master-bind-port", port, "--master-port", port, locustfile=locustfile,
@@ -668,8 +666,6 @@ def test_resource_samples_come_from_each_worker_at_the_interval(tmp_path, tag, t
 
 
 RUN_ID_LOCUSTFILE = """
-    import sys
-    sys.path.insert(0, {repo!r})
     from locustfile import WebsiteUser, logger  # the hooks register themselves on import
     from locust import events
 
@@ -687,8 +683,7 @@ def web_ui(port, path, form=None):
 
 def test_each_test_started_from_the_web_ui_gets_a_new_run_id(tmp_path, tag, target, sinks):
     sink = sinks()
-    locustfile = tmp_path / "run_id_locustfile.py"
-    locustfile.write_text(textwrap.dedent(RUN_ID_LOCUSTFILE.format(repo=str(REPO))))
+    locustfile = write_locustfile(tmp_path / "run_id_locustfile.py", RUN_ID_LOCUSTFILE)
     web_port, master_port = free_port(), str(free_port())
     command = locust_command(target, "--web-host", "127.0.0.1", "--web-port", str(web_port), "--processes", "2",
                              "--master-bind-host", "127.0.0.1", "--master-bind-port", master_port,
