@@ -189,6 +189,8 @@ def percentile(ordered, percent):
 
 
 class Worker:
+    """One worker's part of a run."""
+
     def __init__(self, hostname):
         self.hostname = hostname
         self.requests = self.samples = 0
@@ -310,32 +312,39 @@ def epoch(when):
 
 
 def print_run(run_id, run):
-    """One run's table, per request name and in total, then its workers."""
+    """One run's table, per request name and in total."""
     span = epoch(run.last_end) - epoch(run.first_end) if run.first_end else 0.0
     label = run_id if run_id is not None else "null (records made before any test started)"
     if run.first_end:
         print(f"Run {label}: requests ended from {run.first_end} to {run.last_end} ({span:.1f} s)")
     else:
         print(f"Run {label}: no requests")
-    names = sorted(run.response_times, key=lambda key: (key[1], key[0]))
-    width = max([len(name) for _, name in names] + [len("Aggregated")])
+    keys = sorted(run.response_times, key=lambda key: (key[1], key[0]))
+    width = max([len(name) for _, name in keys] + [len("Aggregated")])
     print(table_row("Type", "Name", width, ["requests", "failures", "req/s", *(f"p{p}" for p in PERCENTILES), "max"])
           + "   (response times in ms)")
-    for key in names:
+    for key in keys:
         ordered = sorted(run.response_times[key])
         run.response_times[key] = array("d", ordered)  # sorted, for the total's merge; the list is freed
         print(table_row(*key, width, request_columns(ordered, run.failures[key], span)))
-    if names:
+    if keys:
         ordered = array("d", heapq.merge(*run.response_times.values()))
         print(table_row("", "Aggregated", width, request_columns(ordered, sum(run.failures.values()), span)))
     print()
-    names = max([len("Worker")] + [len(name) for name in run.workers])
-    hosts = max([len("host")] + [len(worker.hostname) for worker in run.workers.values()])
-    print(f"{'Worker':<{names}} {'host':<{hosts}} {'requests':>9} {'samples':>8} {'peak CPU':>9} {'peak RSS':>10}")
-    for name, worker in sorted(run.workers.items()):
+
+
+def print_workers(run):
+    """Each worker of a run: its requests and resource samples, and a warning for each one that ran hot."""
+    workers = sorted(run.workers.items())
+    worker_width = max([len("Worker")] + [len(name) for name, _ in workers])
+    host_width = max([len("host")] + [len(worker.hostname) for _, worker in workers])
+    print(f"{'Worker':<{worker_width}} {'host':<{host_width}} {'requests':>9} {'samples':>8} {'peak CPU':>9} "
+          f"{'peak RSS':>10}")
+    for name, worker in workers:
         cpu, rss = (f"{worker.peak_cpu:.1f}%", f"{worker.peak_rss / 1e6:.1f} MB") if worker.samples else ("-", "-")
-        print(f"{name:<{names}} {worker.hostname:<{hosts}} {worker.requests:>9} {worker.samples:>8} {cpu:>9} {rss:>10}")
-    for name, worker in sorted(run.workers.items()):
+        print(f"{name:<{worker_width}} {worker.hostname:<{host_width}} {worker.requests:>9} {worker.samples:>8} "
+              f"{cpu:>9} {rss:>10}")
+    for name, worker in workers:
         if worker.peak_cpu > CPU_WARNING:
             print(f"WARNING: worker {name} reached {worker.peak_cpu:.1f}% CPU, above {CPU_WARNING}%: its response "
                   f"times include time its requests waited for the CPU.")
@@ -386,6 +395,7 @@ def report(path, only_run, timeline_path):
         return 0
     for run_id, run in collected.runs.items():
         print_run(run_id, run)
+        print_workers(run)
     if timeline_path:
         write_timeline(timeline_path, collected.runs.items())
         print(f"Timeline: {timeline_path}")
