@@ -278,8 +278,9 @@ class RequestLog:
         for handler in self.handlers:
             handler.setFormatter(self.formatter)
             self.logger.addHandler(handler)
+        # Even a master with nothing to log names each test: its workers take the id from it.
+        environment.events.test_start.add_listener(self.on_test_start)
         if self.handlers:
-            environment.events.test_start.add_listener(self.on_test_start)
             environment.events.request.add_listener(self.on_request)
             # `quit` fires after the runner has stopped every user, so no request comes after it.
             environment.events.quit.add_listener(self.close)
