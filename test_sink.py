@@ -718,9 +718,10 @@ def test_each_test_started_from_the_web_ui_gets_a_new_run_id(tmp_path, tag, targ
     # Each process's records arrive in the order it made them: null until its first test, then the first
     # test's id until the second test starts, then the second's. No request of a test carries another id.
     for worker in workers:
-        mine = [r["run_id"] for r in records if r["worker"] == worker]
-        assert mine[0] is None and records[[r["worker"] for r in records].index(worker)]["message"] == "ready"
-        assert mine == sorted(mine, key=lambda run_id: (run_id is not None, run_id))
+        mine = [r for r in records if r["worker"] == worker]
+        assert mine[0]["message"] == "ready" and mine[0]["run_id"] is None
+        run_ids_in_order = [r["run_id"] for r in mine]
+        assert run_ids_in_order == sorted(run_ids_in_order, key=lambda run_id: (run_id is not None, run_id))
     assert [r["run_id"] for r in records if r["message"] == "ready"] == [None] * 3  # master and 2 workers
 
 
