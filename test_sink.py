@@ -641,7 +641,7 @@ def test_resource_samples_come_from_each_worker_at_the_interval(tmp_path, tag, t
     workers = {r["worker"] for r in requests_of(records)}
     samples = samples_of(records)
     assert {r["worker"] for r in samples} == workers and len(workers) == 2, "only processes running users sample"
-    output = report_output(sink.log_file)
+    _, output = report(sink.log_file)
     for worker in workers:
         mine = [r for r in samples if r["worker"] == worker]
         times = [datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp() for r in mine]
@@ -745,17 +745,18 @@ def test_two_runs_into_one_file_get_two_run_ids_that_the_report_separates(tmp_pa
     assert len(run_ids) == 2 and None not in run_ids
     for run_id, name in zip(run_ids, ("first", "second")):
         assert_same_counts([r for r in records if r["run_id"] == run_id], stats[name])
-        output = report(sink.log_file, "--run", run_id)
-        assert list(output) == [run_id]
-        assert report_counts(output[run_id]) == locust_counts(stats[name])
-    both = report(sink.log_file)
-    assert list(both) == run_ids
+        tables, _ = report(sink.log_file, "--run", run_id)
+        assert list(tables) == [run_id]
+        assert report_counts(tables[run_id]) == locust_counts(stats[name])
+    tables, _ = report(sink.log_file)
+    assert list(tables) == run_ids
 
 
 # --- the report -------------------------------------------------------------------------------
 
 def report(path, *args, expect_code=0):
-    """Run `sink.py --report` and return its tables: {run_id: {(type, name): row}}, rows as text columns."""
+    """Run `sink.py --report`; return its tables, {run_id: {(type, name): row}} with rows as text columns, and
+    all it printed."""
     result = subprocess.run([sys.executable, str(REPO / "sink.py"), "--report", str(path), *args],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == expect_code, result.stderr
@@ -769,13 +770,7 @@ def report(path, *args, expect_code=0):
         if row:
             request_type, name, *columns = row.groups()
             tables[run_id][(request_type, name)] = columns
-    report.stdout = result.stdout
-    return tables
-
-
-def report_output(path):
-    report(path)
-    return report.stdout
+    return tables, result.stdout
 
 
 def report_counts(table):
@@ -811,7 +806,7 @@ def test_report_of_a_real_run_matches_locust_and_the_raw_values(tmp_path, tag, t
     records = read_records(sink.log_file)
     run_id = the_run_id(records)
     timeline = tmp_path / "timeline.csv"
-    table = report(sink.log_file, "--timeline", str(timeline))[run_id]
+    table = report(sink.log_file, "--timeline", str(timeline))[0][run_id]
     assert report_counts(table) == locust_counts(stats)
     ends = [datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp() for r in requests_of(records)]
     seconds = max(ends) - min(ends)
@@ -876,7 +871,7 @@ def test_report_percentiles_counts_and_timeline_on_hand_checkable_data(tmp_path)
     collected.write_bytes(("\n".join(lines) + "\n").encode() + b'{"bad": "\xff"}\n')
     timeline = tmp_path / "timeline.csv"
 
-    tables = report(collected, "--timeline", str(timeline))
+    tables, output = report(collected, "--timeline", str(timeline))
     assert list(tables) == [RUN_A, RUN_B, "null"]
     # 100 values 1..100, 10 values 0.5..9.5; 10.000 s from the first request's end to the last's.
     assert tables[RUN_A] == {
@@ -888,11 +883,11 @@ def test_report_percentiles_counts_and_timeline_on_hand_checkable_data(tmp_path)
                              ("", "Aggregated"): ["3", "0", "-", "3.00", "5.00", "5.00", "5.00", "5.00"]}
     assert tables["null"][("GET", "/a")][0] == "1"
     assert (f"{collected}: request records 114, resource samples 3, other lines skipped 5, unreadable lines 9 "
-            f"(the first: line {lines.index('garbage') + 1})") in report.stdout
-    warnings = [line for line in report.stdout.splitlines() if line.startswith("WARNING")]
+            f"(the first: line {lines.index('garbage') + 1})") in output
+    warnings = [line for line in output.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1 and warnings[0].startswith("WARNING: worker w1 reached 95.5% CPU, above 90%")
-    assert re.search(r"^w1 +h-w1 +55 +2 +95.5% +62.0 MB$", report.stdout, re.MULTILINE)
-    assert re.search(r"^w2 +h-w2 +55 +1 +50.0% +63.0 MB$", report.stdout, re.MULTILINE)
+    assert re.search(r"^w1 +h-w1 +55 +2 +95.5% +62.0 MB$", output, re.MULTILINE)
+    assert re.search(r"^w2 +h-w2 +55 +1 +50.0% +63.0 MB$", output, re.MULTILINE)
 
     rows = list(csv.reader(timeline.open()))
     assert rows[0] == ["run_id", "second", "requests", "failures", "p50_ms", "p95_ms", "p99_ms", "max_ms",
@@ -912,20 +907,22 @@ def test_report_percentiles_counts_and_timeline_on_hand_checkable_data(tmp_path)
     assert [row[:3] for row in rows if row[0] == ""] == [["", "2026-11-28T09:59:59Z", "1"]]
 
     # --run keeps one run; what the other runs hold is still read, so the counts of lines stay the same.
-    only_b = report(collected, "--run", RUN_B)
+    only_b, output = report(collected, "--run", RUN_B)
     assert only_b == {RUN_B: tables[RUN_B]}
-    assert "resource samples 0 (of run 20261128T110000Z-bbbbbbbb), other lines skipped 5, unreadable lines 9" in report.stdout
+    assert "resource samples 0 (of run 20261128T110000Z-bbbbbbbb), other lines skipped 5, unreadable lines 9" in output
 
 
 def test_report_of_an_empty_file_or_an_unknown_run(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert report(empty) == {}
-    assert "holds no request records and no resource samples: nothing to report" in report.stdout
+    tables, output = report(empty)
+    assert tables == {}
+    assert "holds no request records and no resource samples: nothing to report" in output
     unreadable = tmp_path / "unreadable.jsonl"
     unreadable.write_text("not json\n{\n")
-    assert report(unreadable) == {}
-    assert "unreadable lines 2 (the first: line 1)" in report.stdout
+    tables, output = report(unreadable)
+    assert tables == {}
+    assert "unreadable lines 2 (the first: line 1)" in output
     one_run = tmp_path / "one_run.jsonl"
     one_run.write_text(record_line("10:00:00", RUN_A, request("GET", "/", 1)) + "\n")
-    assert report(one_run, "--run", RUN_B, expect_code=1) == {}
+    assert report(one_run, "--run", RUN_B, expect_code=1)[0] == {}
