@@ -61,6 +61,10 @@ def reject_constant(name):
 
 # The reference for what a record is: Python's own decoder, without the NaN and Infinity it allows.
 decoder = json.JSONDecoder(parse_constant=reject_constant)
+# simdjson, when installed, only ever answers faster. It skips a UTF-8 byte order mark, which Python's
+# decoder refuses, so a line that starts with one always goes to the json module.
+simdjson_parser = simdjson.Parser() if simdjson else None
+BOM = b"\xef\xbb\xbf"
 
 
 def why_not_a_record(line):
@@ -78,7 +82,7 @@ def why_not_a_record(line):
     return None if isinstance(value, dict) else "not an object"
 
 
-def all_records_quick(lines, parser=simdjson and simdjson.Parser()):
+def all_records_quick(lines):
     """True only if every line is surely a record; False means: ask why_not_a_record, line by line."""
     # simdjson refuses what Python's decoder refuses, and more (lone surrogates, integers over 64 bits),
     # except for two things: it skips a UTF-8 byte order mark, and it allows 1024 levels of nesting where
@@ -86,8 +90,7 @@ def all_records_quick(lines, parser=simdjson and simdjson.Parser()):
     # found no other disagreement. Any doubt, exceptions included, goes to the json module.
     try:
         for line in lines:
-            if (len(line) >= 1000 or line.startswith(b"\xef\xbb\xbf")
-                    or type(parser.parse(line)) is not simdjson.Object):
+            if len(line) >= 1000 or line.startswith(BOM) or type(simdjson_parser.parse(line)) is not simdjson.Object:
                 return False
     except Exception:
         return False
@@ -173,11 +176,11 @@ TIME_FORMAT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 OBJECTS = (dict, simdjson.Object) if simdjson else (dict,)
 
 
-def read_json(line, parser=simdjson and simdjson.Parser()):
+def read_json(line):
     """One line's JSON value as Python's decoder reads it; from simdjson, a read-only mapping."""
-    if parser is not None and not line.startswith(b"\xef\xbb\xbf"):  # simdjson skips a BOM; json refuses it
+    if simdjson_parser is not None and not line.startswith(BOM):
         try:
-            return parser.parse(line)
+            return simdjson_parser.parse(line)
         except Exception:
             pass  # Python's decoder reads some of what simdjson refuses: integers over 64 bits, lone surrogates
     return decoder.decode(line.decode("utf-8"))
