@@ -147,7 +147,8 @@ def sample_frame(n=RECORDS_PER_FRAME):
     records = [json.dumps({
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{i % 1000:03d}Z",
         "loglevel": "INFO", "hostname": "loadgen-1", "worker": "loadgen-1_5f0c3b9e2d7a4c51a8e6f0b1c2d3e4f5",
-        "run_id": "20261128T161020Z-9c1e04d2", "message": {"class": "request", "request_type": "GET", "name": "/", "result": "success",
+        "run_id": "20261128T161020Z-9c1e04d2",
+        "message": {"class": "request", "request_type": "GET", "name": "/", "result": "success",
                     "response_time": 1.5 + i / 997, "response_length": 5, "start_time": now + i / 1000,
                     "url": "http://127.0.0.1:8000/", "other": {}},
     }).encode() for i in range(n)]
@@ -321,7 +322,8 @@ def report_run(collected, env):
     _, status, usage = os.wait4(report.pid, 0)  # wait4, for the peak RSS of this process alone
     report.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     samples = len(range(0, REPORT_RECORDS, 375))
-    assert report.returncode == 0 and f"records {REPORT_RECORDS - samples}, resource samples {samples}," in output, output
+    expected = f"request records {REPORT_RECORDS - samples}, resource samples {samples},"
+    assert report.returncode == 0 and expected in output, output
     return {"seconds": time.monotonic() - started, "max_rss": usage.ru_maxrss * 1024}
 
 

@@ -861,7 +861,8 @@ def test_report_percentiles_counts_and_timeline_on_hand_checkable_data(tmp_path)
         record_line("10:00:01", RUN_A, {"class": "custom", "value": 1}),
         '{"a": 1}', "[1, 2]", '"text"',
         # Unreadable: not JSON, or a request or resource record without what the report needs.
-        "garbage", '{"time": ', "", record_line("10:00:01", RUN_A, {**request("GET", "/a", 1), "response_time": "fast"}),
+        "garbage", '{"time": ', "",
+        record_line("10:00:01", RUN_A, {**request("GET", "/a", 1), "response_time": "fast"}),
         record_line("10:00:01", RUN_A, request("GET", "/a", 1)).replace('"worker": "w1", ', ""),
         record_line("10:00:01", RUN_A, request("GET", "/a", 1)).replace("2026-11-28T", "28/11/2026 "),
         record_line("10:00:01", RUN_A, request("GET", "/a", 1)).replace("1.0", "NaN").replace(': 1,', ": NaN,"),
@@ -903,7 +904,8 @@ def test_report_percentiles_counts_and_timeline_on_hand_checkable_data(tmp_path)
         assert row[4:8] == ([repr(nearest_rank(values, p)) for p in (50, 95, 99)] + [repr(max(values))]
                             if values else [""] * 4)
         assert row[8] == cpu.get(second, "")
-    assert [row for row in rows if row[0] == RUN_B] == [[RUN_B, "2026-11-28T11:00:00Z", "3", "0", "3.0", "5.0", "5.0", "5.0", ""]]
+    assert [row for row in rows if row[0] == RUN_B] == [
+        [RUN_B, "2026-11-28T11:00:00Z", "3", "0", "3.0", "5.0", "5.0", "5.0", ""]]
     assert [row[:3] for row in rows if row[0] == ""] == [["", "2026-11-28T09:59:59Z", "1"]]
 
     # --run keeps one run; what the other runs hold is still read, so the counts of lines stay the same.
