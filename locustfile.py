@@ -360,8 +360,7 @@ class ResourceSampler:
         if self.interval > 0 and self.logger.handlers and not isinstance(environment.runner, MasterRunner):
             self.process = psutil.Process()  # this process, after any fork: made at import, it was the parent
             environment.events.test_start.add_listener(self.start)
-            environment.events.test_stop.add_listener(self.stop)
-            environment.events.quit.add_listener(self.stop)
+            environment.events.test_stop.add_listener(self.stop)  # also fired on quit, by runner.quit()
 
     def start(self, environment, **kwargs):
         self.process.cpu_percent()  # from now on; psutil measures CPU between two calls
