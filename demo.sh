@@ -32,7 +32,7 @@ echo
 .venv/bin/python sink.py --report "$out/requests.jsonl" --timeline "$out/timeline.csv"
 echo
 echo "Locust's own percentiles of the same run (its --json-file, through Locust's own function), from response"
-echo "times it rounds on arrival: to whole ms, and above 100 ms to 2 significant digits (1035.80 is kept as 1000):"
+echo "times it rounds on arrival: to whole ms, and above 100 ms to 2 significant digits (1035.8 ms counts as 1000):"
 .venv/bin/python - "$out/locust-stats.json" <<'PY'
 import json, sys
 from collections import Counter
