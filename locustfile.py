@@ -11,7 +11,8 @@ Settings (environment variables):
 
 ``LOCUST_LOG_FILE``           local JSON-lines file; unset: none. A worker process writes
                               ``<name>.<worker>.jsonl`` instead, so no two processes share a file.
-``ZMQ_SINK_ADDRESS``          where ``sink.py`` listens, e.g. ``tcp://10.0.0.5:5555``; unset: no pushing.
+``ZMQ_SINK_ADDRESS``          where ``sink.py`` listens, e.g. ``tcp://10.0.0.5:5555``; unset: no pushing. Several
+                              sinks, comma-separated: ZeroMQ spreads the frames among those connected.
 ``ZMQ_SINK_QUEUE``            records a process holds while the sink is unreachable or slow (100000).
 ``ZMQ_SINK_FLUSH_TIMEOUT``    seconds a process spends delivering its queue when it quits (2).
 ``HOST``                      the ``hostname`` label on records (default: this machine's host name).
@@ -20,11 +21,13 @@ Settings (environment variables):
 Each line is one JSON object (spaces added here)::
 
     {"time": "2026-11-28T16:10:35.587Z", "loglevel": "INFO", "hostname": "loadgen-1",
-     "worker": "loadgen-1_5f0c...", "run_id": "20261128T161020Z-9c1e04d2", "message": ...}
+     "worker": "loadgen-1_5f0c...", "run_id": "20261128T161020Z-9c1e04d2", "seq": 42, "message": ...}
 
-``time`` is UTC. ``worker`` is Locust's id for the process (``hostname_uuid``). ``run_id`` names the
-test: one id for every process of a test, a new one for each test (``null`` before the first). For a
-request the message is an object::
+``time`` is UTC. ``worker`` is Locust's id for the process (``hostname_uuid``), or one made like it for a
+local run or a master: unique for all time, never a pid. ``run_id`` names the test: one id for every
+process of a test, a new one for each test (``null`` before the first). ``seq`` numbers the records of a
+process 1, 2, 3, ..., whatever their kind, so (``worker``, ``seq``) names one record and a gap shows a lost
+one. For a request the message is an object::
 
     {"class": "request", "request_type": "GET", "name": "/", "result": "success" | "error",
      "response_time": 1.84, "response_length": 612, "exception": "<errors only>",
@@ -35,6 +38,11 @@ Every process that runs users adds, every ``LOCUST_RESOURCE_INTERVAL`` seconds w
     {"class": "resources", "cpu_percent": 23.5, "rss_bytes": 61440000, "user_count": 10}
 
 Anything else logged on ``logger`` (``logger.info("Task started")``) gives ``"message": "Task started"``.
+The last record of a process that quits cleanly, after its users have stopped, says how many it made::
+
+    {"class": "end", "records": 1234, "requests": 1200, "dropped": 0}
+
+``records`` counts this one too, so it equals its ``seq``; ``dropped``: records its full queue refused.
 Everything above ``class WebsiteUser`` can be copied into another locustfile as it is; it needs Locust
 and pyzmq, and uses orjson, if installed, to encode ~10 times faster.
 """
@@ -61,7 +69,8 @@ except ImportError:
     orjson = None
 
 LOG_FILE = os.environ.get("LOCUST_LOG_FILE")
-SINK_ADDRESS = os.environ.get("ZMQ_SINK_ADDRESS")
+SINK_ADDRESSES = [address.strip() for address in os.environ.get("ZMQ_SINK_ADDRESS", "").split(",")
+                  if address.strip()]
 QUEUE_LIMIT = int(os.environ.get("ZMQ_SINK_QUEUE", "100000"))
 FLUSH_TIMEOUT = float(os.environ.get("ZMQ_SINK_FLUSH_TIMEOUT", "2"))
 HOSTNAME = os.environ.get("HOST") or socket.gethostname()
@@ -96,6 +105,7 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self.hostname, self.worker = hostname, worker
         self.second, self.time_head = None, b""
+        self.seq = 0  # records this process has made
         self.set_run_id(None)
 
     def set_run_id(self, run_id):
@@ -105,11 +115,18 @@ class JsonFormatter(logging.Formatter):
             json_encoder.encode(value).encode() for value in (self.hostname, self.worker, run_id))
 
     def format(self, record):
-        message = record.msg if isinstance(record.msg, dict) else record.getMessage()
-        return self.to_json(record.created, record.levelname, message).decode()
+        return self.line(record).decode()
+
+    def line(self, record):
+        """The record's line. Every handler gets the same one, with one seq: the first to ask keeps it on the
+        record, as logging keeps a formatted traceback there."""
+        if not hasattr(record, "json_line"):
+            message = record.msg if isinstance(record.msg, dict) else record.getMessage()
+            record.json_line = self.to_json(record.created, record.levelname, message)
+        return record.json_line
 
     def to_json(self, created, level, message):
-        """One record as UTF-8 JSON bytes, without a line break."""
+        """One record as UTF-8 JSON bytes, without a line break, numbered with this process's next seq."""
         second = int(created)
         if second != self.second:  # strftime costs ~2 µs; one second holds thousands of records
             self.second = second
@@ -123,9 +140,10 @@ class JsonFormatter(logging.Formatter):
                 message = {key if isinstance(key, str) else _safe_repr(key): _encodable(value)
                            for key, value in message.items()}
             body = json_encoder.encode(message).encode()
+        self.seq += 1
         # `time` first, in UTC at a fixed width, so plain `sort` orders lines by time.
-        return b'%s.%03dZ","loglevel":"%s",%s"message":%s}' % (
-            self.time_head, (created - second) * 1000, level.encode(), self.identity, body)
+        return b'%s.%03dZ","loglevel":"%s",%s"seq":%d,"message":%s}' % (
+            self.time_head, (created - second) * 1000, level.encode(), self.identity, self.seq, body)
 
 
 def _encodable(value):
@@ -149,7 +167,7 @@ class LinesHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            self.write_lines([self.format(record).encode()])
+            self.write_lines([self.formatter.line(record)])
         except Exception:
             self.handleError(record)
 
@@ -185,9 +203,9 @@ class ZmqPushHandler(LinesHandler):
     BATCH = 1000  # records per frame at most
     SNDHWM = 10  # frames ZeroMQ holds for a connected sink: at most 10 * BATCH records
 
-    def __init__(self, address, queue_limit, flush_timeout):
+    def __init__(self, addresses, queue_limit, flush_timeout):
         super().__init__()
-        self.address = address
+        self.address = ",".join(addresses)
         self.queue_limit = queue_limit
         self.flush_timeout = flush_timeout
         self.queue = deque()  # (frame, number of records in it)
@@ -198,7 +216,8 @@ class ZmqPushHandler(LinesHandler):
         self.socket = self.context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.IMMEDIATE, 1)
         self.socket.setsockopt(zmq.SNDHWM, self.SNDHWM)
-        self.socket.connect(address)
+        for address in addresses:  # several sinks: PUSH sends each frame to one of those connected, in turn
+            self.socket.connect(address)
         self.forwarder = gevent.spawn(self._forward_forever)
 
     def write_lines(self, lines):
@@ -261,20 +280,24 @@ class RequestLog:
         self.handlers = []
         self.formatter = None
         self.pending = []  # requests seen but not yet encoded
-        self.writer = None
+        self.requests = 0  # requests encoded
+        self.pusher = self.writer = None
 
     def register(self, environment):
         # Called from events.init: `locust --processes N` forks after importing this file, so files and
         # sockets are opened here, once the process is what it will stay, and none is shared.
-        worker = getattr(environment.runner, "client_id", None) or f"{socket.gethostname()}_{os.getpid()}"
+        # A worker's id is Locust's; a local run or a master makes one the same way, never from its pid,
+        # which repeats: (worker, seq) must name one record in any file, for all time.
+        worker = getattr(environment.runner, "client_id", None) or f"{socket.gethostname()}_{secrets.token_hex(16)}"
         self.formatter = JsonFormatter(HOSTNAME, worker)
         if LOG_FILE:
             path = Path(LOG_FILE)
             if isinstance(environment.runner, WorkerRunner):
                 path = path.with_name(f"{path.stem}.{worker}{path.suffix}")
             self.handlers.append(JsonLinesFileHandler(path))
-        if SINK_ADDRESS:
-            self.handlers.append(ZmqPushHandler(SINK_ADDRESS, QUEUE_LIMIT, FLUSH_TIMEOUT))
+        if SINK_ADDRESSES:
+            self.pusher = ZmqPushHandler(SINK_ADDRESSES, QUEUE_LIMIT, FLUSH_TIMEOUT)
+            self.handlers.append(self.pusher)
         for handler in self.handlers:
             handler.setFormatter(self.formatter)
             self.logger.addHandler(handler)
@@ -316,6 +339,7 @@ class RequestLog:
         pending, self.pending = self.pending, []
         if pending:
             lines = [self.to_line(*request) for request in pending]
+            self.requests += len(lines)
             # No handler lock is taken: greenlets share one thread and no write yields to another.
             for handler in self.handlers:
                 handler.write_lines(lines)
@@ -343,6 +367,10 @@ class RequestLog:
         if self.writer is not None:
             self.writer.kill()
             self.write_pending()
+        # The last record says how many this process made, itself included: a reader of any file can then
+        # tell whether it holds all of them. Records dropped after it, or still queued, are logged below.
+        self.logger.info({"class": "end", "records": self.formatter.seq + 1, "requests": self.requests,
+                          "dropped": self.pusher.dropped if self.pusher else 0})
         for handler in self.handlers:
             self.logger.removeHandler(handler)
             handler.close()
