@@ -1,0 +1,417 @@
+"""
+Report on collected files: whether they hold every record of every process, then per run and request name
+the exact response time percentiles.
+
+Usage::
+
+    python report.py requests.jsonl                           # a sink's file
+    python report.py requests.jsonl local.*.jsonl --require-complete   # fill its gaps from local copies
+    python report.py requests.jsonl --run RUN_ID --timeline timeline.csv --json
+
+Files are read as one: a record in several of them (the same ``worker`` and ``seq``) counts once. Each
+process numbers its records 1, 2, 3, ... and ends with a record that says how many it made, so a gap in the
+numbers is a missing record, and a process without that end record did not quit cleanly: what it made
+after its last record here is unknown. Records without ``seq`` (from other clients) count as they are,
+but cannot be checked. ``--require-complete`` exits 1 unless every process is there whole.
+
+Then per run: per request name and in total, requests, failures, requests/s and the 50th, 90th, 95th and
+99th percentile and the maximum, from every raw response time; each worker's peak CPU and memory from its
+resource samples. ``--timeline`` also writes one CSV row per second of each run. ``--json`` prints it all
+as one JSON object.
+"""
+
+import argparse
+import csv
+import heapq
+import json
+import math
+import re
+import sys
+import time
+from array import array
+from bisect import bisect_right
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+
+from sink import BOM, decoder, simdjson, simdjson_parser  # what a record is, decided as the sink decides it
+
+PERCENTILES = (50, 90, 95, 99)
+TIMELINE_PERCENTILES = (50, 95, 99)
+CPU_WARNING = 90  # percent of one core, where Locust warns that a worker's response times are suspect
+# The locustfile's `time`: fixed width, so that comparing two as strings compares them as times.
+TIME_FORMAT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+OBJECTS = (dict, simdjson.Object) if simdjson else (dict,)
+MAX_SEQ = 1 << 63
+
+
+def read_json(line):
+    """One line's JSON value as Python's decoder reads it; from simdjson, a read-only mapping."""
+    if simdjson_parser is not None and not line.startswith(BOM):
+        try:
+            return simdjson_parser.parse(line)
+        except Exception:
+            pass  # Python's decoder reads some of what simdjson refuses: integers over 64 bits, lone surrogates
+    return decoder.decode(line.decode("utf-8"))
+
+
+def percentile(ordered, percent):
+    """Nearest rank: the smallest value that at least `percent` % of the values do not exceed."""
+    return ordered[-(-len(ordered) * percent // 100) - 1]  # rank ceil(n * percent / 100), exact in integers
+
+
+class Process:
+    """Which records of one process the files hold: its seqs as sorted, disjoint ranges [start, end), so
+    memory grows with the gaps, not with the records; and whether its end record is there."""
+
+    def __init__(self, hostname):
+        self.hostname = hostname
+        self.starts, self.ends = [], []
+        self.numbered = self.unnumbered = self.duplicates = 0
+        self.ended = False
+
+    def first_sight(self, seq):
+        """Note seq as read; False if it was read before."""
+        starts, ends = self.starts, self.ends
+        if ends and ends[-1] == seq:  # the next record in order, as files almost always hold them
+            ends[-1] = seq + 1
+        else:
+            i = bisect_right(starts, seq)  # ranges that start at or before seq
+            if i and seq < ends[i - 1]:
+                self.duplicates += 1
+                return False
+            joins_left, joins_right = i and ends[i - 1] == seq, i < len(starts) and starts[i] == seq + 1
+            if joins_left and joins_right:
+                ends[i - 1] = ends.pop(i)
+                del starts[i]
+            elif joins_left:
+                ends[i - 1] = seq + 1
+            elif joins_right:
+                starts[i] = seq
+            else:
+                starts.insert(i, seq)
+                ends.insert(i, seq + 1)
+        self.numbered += 1
+        return True
+
+    def missing(self):
+        """Records not read up to the highest seq read: up to the end record, if it is there."""
+        return (self.ends[-1] - 1 if self.ends else 0) - self.numbered
+
+    def complete(self):
+        return self.ended and not self.missing() and not self.unnumbered
+
+
+class Worker:
+    """One worker's part of a run."""
+
+    def __init__(self, hostname):
+        self.hostname = hostname
+        self.requests = self.samples = 0
+        self.peak_cpu = self.peak_rss = 0
+
+
+class Second:
+    """One second of a run, for the timeline."""
+
+    def __init__(self):
+        self.response_times = array("d")
+        self.failures = 0
+        self.peak_cpu = None
+
+
+class Run:
+    """What the report keeps of one run: counts, and each response time as an 8-byte float."""
+
+    def __init__(self, timeline):
+        self.response_times = defaultdict(lambda: array("d"))  # (request_type, name) -> milliseconds
+        self.failures = Counter()  # (request_type, name) -> failed requests
+        self.first_end = self.last_end = None  # of any request, as `time` strings
+        self.workers = {}
+        self.seconds = defaultdict(Second) if timeline else None  # "2026-11-28T19:04:20" -> Second
+
+    def worker(self, worker, hostname):
+        if worker not in self.workers:
+            self.workers[worker] = Worker(hostname)
+        return self.workers[worker]
+
+    def add_request(self, when, worker, hostname, key, response_time, failed):
+        self.worker(worker, hostname).requests += 1
+        self.response_times[key].append(response_time)
+        self.failures[key] += failed
+        if self.first_end is None or when < self.first_end:
+            self.first_end = when
+        if self.last_end is None or when > self.last_end:
+            self.last_end = when
+        if self.seconds is not None:
+            second = self.seconds[when[:19]]
+            second.response_times.append(response_time)
+            second.failures += failed
+
+    def add_sample(self, when, worker, hostname, cpu, rss):
+        worker = self.worker(worker, hostname)
+        worker.samples += 1
+        worker.peak_cpu = max(worker.peak_cpu, cpu)
+        worker.peak_rss = max(worker.peak_rss, rss)
+        if self.seconds is not None:
+            second = self.seconds[when[:19]]
+            second.peak_cpu = cpu if second.peak_cpu is None else max(second.peak_cpu, cpu)
+
+
+class Collected:
+    """Reads collected files line by line, keeping per process the seqs read, and per run what the report
+    needs; never the records."""
+
+    def __init__(self, only_run, timeline):
+        self.only_run = only_run
+        self.timeline = timeline
+        self.processes = {}  # worker -> Process
+        self.runs = {}  # run id -> Run, in the order of each run's first line
+        self.run_ids = set()
+        self.lines = Counter()  # request, sample, other (records), duplicate, skipped, unreadable
+        self.first_unreadable = None
+
+    def read(self, path):
+        with open(path, "rb") as lines:
+            for line_number, line in enumerate(lines, 1):
+                try:
+                    self.lines[self.take(read_json(line))] += 1
+                except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                    self.lines["unreadable"] += 1
+                    self.first_unreadable = self.first_unreadable or f"{path} line {line_number}"
+
+    def take(self, record):
+        """Count one record and say what it was, or raise ValueError, before counting anything, if it lacks
+        what a record of locustfile.py has."""
+        if type(record) not in OBJECTS or "message" not in record:
+            return "skipped"  # JSON, but no record of a process
+        when, worker, hostname, run_id, seq, message = (record["time"], record["worker"], record["hostname"],
+                                                        record.get("run_id"), record.get("seq"), record["message"])
+        if not (type(when) is type(worker) is type(hostname) is str and TIME_FORMAT.fullmatch(when)
+                and (run_id is None or type(run_id) is str)
+                and (seq is None or type(seq) is int and 0 < seq < MAX_SEQ)):
+            raise ValueError("not a record of locustfile.py")
+        kind = message.get("class") if type(message) in OBJECTS else None
+        if kind == "request":
+            request_type, name, result, response_time = (message["request_type"], message["name"], message["result"],
+                                                         message["response_time"])
+            if not (type(request_type) is type(name) is type(result) is str and is_number(response_time)):
+                raise ValueError("not a request record")
+        elif kind == "resources":
+            cpu, rss = message["cpu_percent"], message["rss_bytes"]
+            if not (is_number(cpu) and is_number(rss)):
+                raise ValueError("not a resource record")
+        elif kind == "end" and (seq is None or message["records"] != seq):
+            raise ValueError("an end record counts the records of its process, itself included: its seq")
+
+        process = self.processes.get(worker) or self.processes.setdefault(worker, Process(hostname))
+        if seq is None:
+            process.unnumbered += 1
+        elif not process.first_sight(seq):
+            return "duplicate"
+        self.run_ids.add(run_id)
+        if kind == "end":
+            process.ended = True
+        if kind not in ("request", "resources") or self.only_run is not None and run_id != self.only_run:
+            return "other"
+        run = self.runs.get(run_id) or self.runs.setdefault(run_id, Run(self.timeline))
+        if kind == "request":
+            run.add_request(when, worker, hostname, (request_type, name), response_time, result != "success")
+            return "request"
+        run.add_sample(when, worker, hostname, cpu, rss)
+        return "sample"
+
+
+def is_number(value):
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def epoch(when):
+    """Unix seconds of a `time` string, with or without its milliseconds and Z."""
+    return datetime.fromisoformat(when.rstrip("Z")).replace(tzinfo=timezone.utc).timestamp()
+
+
+# --- What the report says, as one object: printed as tables, or as JSON with --json ------------------
+
+def summarize(files, collected):
+    processes = [{"worker": worker, "hostname": process.hostname, "records": process.numbered + process.unnumbered,
+                  "missing": process.missing(), "ended": process.ended, "duplicates": process.duplicates,
+                  "unnumbered": process.unnumbered} for worker, process in sorted(collected.processes.items())]
+    return {
+        "files": files,
+        "complete": bool(processes) and all(process.complete() for process in collected.processes.values()),
+        "missing": sum(process["missing"] for process in processes),
+        "lines": {**{kind: collected.lines[kind] for kind in ("request", "sample", "other", "duplicate", "skipped",
+                                                              "unreadable")},
+                  "first_unreadable": collected.first_unreadable},
+        "processes": processes,
+        "runs": [summarize_run(run_id, run) for run_id, run in collected.runs.items()],
+    }
+
+
+def summarize_run(run_id, run):
+    span = epoch(run.last_end) - epoch(run.first_end) if run.first_end else 0.0
+    names = []
+    for key in sorted(run.response_times, key=lambda key: (key[1], key[0])):
+        ordered = sorted(run.response_times[key])
+        run.response_times[key] = array("d", ordered)  # sorted, for the total's merge; the list is freed
+        names.append({"request_type": key[0], "name": key[1], **request_stats(ordered, run.failures[key], span)})
+    total = None
+    if names:
+        ordered = array("d", heapq.merge(*run.response_times.values()))
+        total = request_stats(ordered, sum(run.failures.values()), span)
+    workers = [{"worker": name, "hostname": worker.hostname, "requests": worker.requests, "samples": worker.samples,
+                "peak_cpu_percent": worker.peak_cpu if worker.samples else None,
+                "peak_rss_bytes": worker.peak_rss if worker.samples else None}
+               for name, worker in sorted(run.workers.items())]
+    return {"run_id": run_id, "first_end": run.first_end, "last_end": run.last_end, "seconds": span,
+            "names": names, "total": total, "workers": workers}
+
+
+def request_stats(ordered, failures, span):
+    return {"requests": len(ordered), "failures": failures,
+            "requests_per_second": len(ordered) / span if span else None,
+            **{f"p{p}": percentile(ordered, p) for p in PERCENTILES}, "max": ordered[-1]}
+
+
+def print_report(report, only_run):
+    lines = report["lines"]
+    print(f"{', '.join(report['files'])}: request records {lines['request']}, resource samples {lines['sample']}"
+          + (f" (of run {only_run})" if only_run is not None else "")
+          + f", other records {lines['other']}, duplicates merged {lines['duplicate']}, lines skipped "
+          f"{lines['skipped']} (JSON, but not records), unreadable lines {lines['unreadable']}"
+          + (f" (the first: {lines['first_unreadable']})" if lines["unreadable"] else ""))
+    print()
+    print_completeness(report)
+    if not report["runs"]:
+        print("No request records and no resource samples: nothing more to report.")
+    for run in report["runs"]:
+        print_run(run)
+        print_workers(run["workers"])
+
+
+def print_completeness(report):
+    processes = report["processes"]
+    if not processes:
+        print("INCOMPLETE: no records of any process.\n")
+        return
+    if report["complete"]:
+        print(f"Complete: all {sum(p['records'] for p in processes)} records of {count(len(processes), 'process')}.")
+    else:
+        missing = [p for p in processes if p["missing"]]
+        not_ended = [p for p in processes if not p["ended"]]
+        unnumbered = [p for p in processes if p["unnumbered"]]
+        verdict = []
+        if missing:
+            verdict.append(f"{report['missing']} records missing from {len(missing)} of "
+                           f"{count(len(processes), 'process')}")
+        if not_ended:
+            verdict.append(f"{len(not_ended)} of {count(len(processes), 'process')} did not end cleanly, so what "
+                           "they made last is unknown")
+        if unnumbered:
+            verdict.append(f"{sum(p['unnumbered'] for p in unnumbered)} records without seq, from "
+                           f"{count(len(unnumbered), 'process')}, cannot be checked")
+        print(f"INCOMPLETE: {'; '.join(verdict)}.")
+    worker_width = max(len("Process"), *(len(p["worker"]) for p in processes))
+    host_width = max(len("host"), *(len(p["hostname"]) for p in processes))
+    print(f"{'Process':<{worker_width}} {'host':<{host_width}} {'records':>9} {'missing':>9}  ended")
+    for p in processes:
+        ended = ("yes" if p["ended"] else "no: did not end cleanly, its tail is unknown") + (
+            f"; {p['unnumbered']} records without seq: not checkable" if p["unnumbered"] else "")
+        print(f"{p['worker']:<{worker_width}} {p['hostname']:<{host_width}} {p['records']:>9} {p['missing']:>9}  "
+              f"{ended}")
+    if not report["complete"] and len(report["files"]) == 1:
+        print("A process's own local file (LOCUST_LOG_FILE) can fill the gaps: python report.py FILE local.*.jsonl")
+    print()
+
+
+def count(n, noun):
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("s") else f"{n} {noun}s"
+
+
+def print_run(run):
+    run_id = run["run_id"] if run["run_id"] is not None else "null (records made before any test started)"
+    if run["first_end"]:
+        print(f"Run {run_id}: requests ended from {run['first_end']} to {run['last_end']} "
+              f"({run['seconds']:.1f} s)")
+    else:
+        print(f"Run {run_id}: no requests")
+    width = max([len(row["name"]) for row in run["names"]] + [len("Aggregated")])
+    print(f"{'Type':<6} {'Name':<{width}} " + " ".join(f"{column:>9}" for column in (
+        "requests", "failures", "req/s", *(f"p{p}" for p in PERCENTILES), "max")) + "   (response times in ms)")
+    for row in run["names"] + ([{"request_type": "", "name": "Aggregated", **run["total"]}] if run["total"] else []):
+        rate = f"{row['requests_per_second']:.1f}" if row["requests_per_second"] else "-"
+        times = [f"{row[f'p{p}']:.2f}" for p in PERCENTILES] + [f"{row['max']:.2f}"]
+        print(f"{row['request_type']:<6} {row['name']:<{width}} "
+              + " ".join(f"{column:>9}" for column in (row["requests"], row["failures"], rate, *times)))
+    print()
+
+
+def print_workers(workers):
+    """Each worker of a run: its requests and resource samples, and a warning for each one that ran hot."""
+    worker_width = max([len("Worker")] + [len(w["worker"]) for w in workers])
+    host_width = max([len("host")] + [len(w["hostname"]) for w in workers])
+    print(f"{'Worker':<{worker_width}} {'host':<{host_width}} {'requests':>9} {'samples':>8} {'peak CPU':>9} "
+          f"{'peak RSS':>10}")
+    for w in workers:
+        cpu, rss = ((f"{w['peak_cpu_percent']:.1f}%", f"{w['peak_rss_bytes'] / 1e6:.1f} MB") if w["samples"]
+                    else ("-", "-"))
+        print(f"{w['worker']:<{worker_width}} {w['hostname']:<{host_width}} {w['requests']:>9} {w['samples']:>8} "
+              f"{cpu:>9} {rss:>10}")
+    for w in workers:
+        if w["samples"] and w["peak_cpu_percent"] > CPU_WARNING:
+            print(f"WARNING: worker {w['worker']} reached {w['peak_cpu_percent']:.1f}% CPU, above {CPU_WARNING}%: its "
+                  f"response times include time its requests waited for the CPU.")
+    print()
+
+
+def write_timeline(path, runs):
+    """One row per second of each run, from its first record to its last, empty seconds included."""
+    with open(path, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["run_id", "second", "requests", "failures", *(f"p{p}_ms" for p in TIMELINE_PERCENTILES),
+                         "max_ms", "max_worker_cpu_percent"])
+        for run_id, run in runs:
+            for moment in range(int(epoch(min(run.seconds))), int(epoch(max(run.seconds))) + 1):
+                key = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment))
+                second = run.seconds.get(key) or Second()
+                ordered = sorted(second.response_times)
+                times = [percentile(ordered, p) for p in TIMELINE_PERCENTILES] + [ordered[-1]] if ordered else [""] * 4
+                writer.writerow([run_id or "", key + "Z", len(ordered), second.failures, *times,
+                                 "" if second.peak_cpu is None else second.peak_cpu])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", metavar="FILE", help="collected JSON-lines files, read as one")
+    parser.add_argument("--run", metavar="RUN_ID", help="only this run's tables (completeness is over every run)")
+    parser.add_argument("--timeline", metavar="OUT.csv", help="also write one CSV row per second and run")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object instead of tables")
+    parser.add_argument("--require-complete", action="store_true",
+                        help="exit 1 if a record is missing or a process did not end cleanly")
+    args = parser.parse_args()
+
+    collected = Collected(args.run, timeline=args.timeline is not None)
+    for path in args.files:
+        try:
+            collected.read(path)
+        except OSError as error:
+            print(f"report: cannot read {path}: {error.strerror}", file=sys.stderr)
+            return 1
+    if args.run is not None and not collected.runs and collected.run_ids:
+        runs = ", ".join(sorted(str(run_id) for run_id in collected.run_ids))
+        print(f"report: no run {args.run} in {', '.join(args.files)}. Its runs: {runs}", file=sys.stderr)
+        return 1
+    if args.timeline:
+        write_timeline(args.timeline, collected.runs.items())
+    report = summarize(args.files, collected)
+    if args.json:
+        print(json.dumps({**report, "timeline": args.timeline}))
+    else:
+        print_report(report, args.run)
+        if args.timeline:
+            print(f"Timeline: {args.timeline}")
+    return 1 if args.require_complete and not report["complete"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
