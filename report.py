@@ -167,7 +167,7 @@ class Collected:
         self.processes = {}  # worker -> Process
         self.runs = {}  # run id -> Run, in the order of each run's first line
         self.run_ids = set()
-        self.lines = Counter()  # request, sample, other (records), duplicate, skipped, unreadable
+        self.lines = Counter()  # request, sample, other (records), another run, duplicate, skipped, unreadable
         self.first_unreadable = None
 
     def read(self, path):
@@ -211,8 +211,10 @@ class Collected:
         self.run_ids.add(run_id)
         if kind == "end":
             process.ended = True
-        if kind not in ("request", "resources") or self.only_run is not None and run_id != self.only_run:
+        if kind not in ("request", "resources"):
             return "other"
+        if self.only_run is not None and run_id != self.only_run:
+            return "another run"
         run = self.runs.get(run_id) or self.runs.setdefault(run_id, Run(self.timeline))
         if kind == "request":
             run.add_request(when, worker, hostname, (request_type, name), response_time, result != "success")
