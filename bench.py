@@ -10,11 +10,12 @@ Everything runs on 127.0.0.1 and is started and stopped here:
    locustfile with a local file and a running sink. Each run measures its own CPU time (all threads, so
    libzmq's I/O thread counts) and requests over a steady window after warm-up.
 2. Sink ceiling. Two pusher processes send realistic records as our handler does (frames of records
-   separated by line breaks) to sink.py, and to a bare PULL loop that only counts them. Every line the sink wrote is then
-   parsed with json.loads. Target: 100 times the request rate of one saturated Locust process from part 1.
+   separated by line breaks) to sink.py, to two sink.py side by side (one a core), and to a bare PULL loop
+   that only counts them. Every line the sinks wrote is then parsed with json.loads. Target: 100 times the
+   request rate of one saturated Locust process from part 1.
 3. Memory. The sink's RSS while it writes; a Locust process's RSS while its sink is down and its queue fills.
-4. Report. `sink.py --report --timeline` on a collected file of 2 million records: time and peak RSS,
-   with and without simdjson.
+4. Report. `report.py --timeline` on a collected file of 2 million records: time and peak RSS, with and
+   without simdjson, and merging the file with itself (every record twice).
 """
 
 import argparse
@@ -155,10 +156,11 @@ def sample_frame(n=RECORDS_PER_FRAME):
     return b"\n".join(records)
 
 
-def push(address, records):
+def push(addresses, records):
     frame = sample_frame()
     with zmq.Context() as context, context.socket(zmq.PUSH) as pusher:
-        pusher.connect(address)
+        for address in addresses.split(","):
+            pusher.connect(address)
         for _ in range(int(records) // RECORDS_PER_FRAME):
             pusher.send(frame)
         pusher.close(linger=-1)
@@ -224,35 +226,41 @@ def without_accelerators(workdir):
     return dict(os.environ, PYTHONPATH=str(shadow))
 
 
-def start_pushers(address):
-    return [subprocess.Popen([sys.executable, __file__, "push", address, str(RECORDS_PER_PUSHER)],
+def start_pushers(addresses):
+    return [subprocess.Popen([sys.executable, __file__, "push", ",".join(addresses), str(RECORDS_PER_PUSHER)],
                              preexec_fn=on_core(HELPER_CORE)) for _ in range(PUSHERS)]
 
 
-def sink_run(workdir, env):
-    address = f"tcp://127.0.0.1:{free_port()}"
-    out = workdir / "sink.jsonl"
-    stderr = workdir / "sink.err"
-    sink = subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--bind", address, "--log-file", str(out)],
-                            stderr=stderr.open("w"), env=env, preexec_fn=on_core(MEASURED_CORE))
-    while "listening on" not in stderr.read_text():
+def sink_run(workdir, env, cores=(MEASURED_CORE,)):
+    """One sink.py on each of the cores; the pushers spread their frames over them."""
+    addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in cores]
+    outs = [workdir / f"sink{n}.jsonl" for n in range(len(cores))]
+    stderrs = [workdir / f"sink{n}.err" for n in range(len(cores))]
+    sinks = [subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--bind", address, "--log-file", str(out)],
+                              stderr=stderr.open("w"), env=env, preexec_fn=on_core(core))
+             for address, out, stderr, core in zip(addresses, outs, stderrs, cores)]
+    while not all("listening on" in stderr.read_text() for stderr in stderrs):
         time.sleep(0.05)
     rss = []
-    pushers = start_pushers(address)
-    process = psutil.Process(sink.pid)
-    # The sink's progress line shows when it has written everything; its rate is from first to last arrival.
-    while f"sink: {PUSHERS * RECORDS_PER_PUSHER} records" not in stderr.read_text():
+    pushers = start_pushers(addresses)
+    process = psutil.Process(sinks[0].pid)
+    # The sinks' progress lines show when they have written everything; each one's rate is from its first
+    # to its last arrival, and they start together, so together they wrote everything in the longest time.
+    while sum(max(map(int, re.findall(r"sink: (\d+) records", stderr.read_text())), default=0)
+              for stderr in stderrs) < PUSHERS * RECORDS_PER_PUSHER:
         rss.append(process.memory_info().rss)
         time.sleep(0.5)
     for p in pushers:
         p.wait()
-    sink.send_signal(signal.SIGTERM)
-    sink.wait()
-    written, seconds = re.search(r"(\d+) records written in ([\d.]+)s", stderr.read_text()).groups()
-    written, seconds = int(written), float(seconds)
-    with open(out, "rb") as lines:
-        parsed = sum(1 for line in lines if isinstance(json.loads(line), dict))
-    out.unlink()
+    written, seconds, parsed = 0, 0.0, 0
+    for sink, out, stderr in zip(sinks, outs, stderrs):
+        sink.send_signal(signal.SIGTERM)
+        sink.wait()
+        records, took = re.search(r"(\d+) records written in ([\d.]+)s", stderr.read_text()).groups()
+        written, seconds = written + int(records), max(seconds, float(took))
+        with open(out, "rb") as lines:
+            parsed += sum(1 for line in lines if isinstance(json.loads(line), dict))
+        out.unlink()
     return {"records": written, "seconds": seconds, "parsed": parsed, "rss": rss}
 
 
@@ -262,7 +270,7 @@ def bare_run():
     pull = subprocess.Popen([sys.executable, __file__, "bare-pull", address, str(expected)],
                             stdout=subprocess.PIPE, text=True, preexec_fn=on_core(MEASURED_CORE))
     assert pull.stdout.readline().strip() == "ready"
-    pushers = start_pushers(address)
+    pushers = start_pushers([address])
     result = json.loads(pull.stdout.readline())
     for p in pushers + [pull]:
         p.wait()
@@ -289,18 +297,23 @@ def queue_memory(workdir, host, queue_limit=20_000, seconds=16):
 
 def write_collected(path, records):
     """A collected file as a sink writes one: 8 workers, 5 names, 10% failures, random response times
-    (sorting them costs more than sorting repeats would), and a resource sample every 375 records, from
-    each worker in turn."""
+    (sorting them costs more than sorting repeats would), a resource sample every 375 records, from
+    each worker in turn, and each worker's end record."""
     rng = random.Random(1)
     start = time.time()
+    seqs = [0] * 8
     with open(path, "w") as out:
-        for i in range(records):
+        for i in range(records + 8):
             when = start + i / 3000
-            worker = (i // 375 if i % 375 == 0 else i) % 8
+            worker = (i // 375 if i % 375 == 0 else i) % 8 if i < records else i - records
+            seqs[worker] += 1
             record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z",
                       "loglevel": "INFO", "hostname": f"loadgen-{worker % 4}",
-                      "worker": f"loadgen-{worker % 4}_{worker:032x}", "run_id": "20261128T161020Z-9c1e04d2"}
-            if i % 375 == 0:
+                      "worker": f"loadgen-{worker % 4}_{worker:032x}", "run_id": "20261128T161020Z-9c1e04d2",
+                      "seq": seqs[worker]}
+            if i >= records:
+                record["message"] = {"class": "end", "records": seqs[worker], "requests": 0, "dropped": 0}
+            elif i % 375 == 0:
                 record["message"] = {"class": "resources", "cpu_percent": rng.uniform(20, 95), "rss_bytes": 60_000_000,
                                      "user_count": 10}
             else:
@@ -312,17 +325,18 @@ def write_collected(path, records):
             out.write(json.dumps(record, separators=(",", ":")) + "\n")
 
 
-def report_run(collected, env):
-    """Seconds and peak RSS of one `sink.py --report --timeline` over the file."""
+def report_run(files, env):
+    """Seconds and peak RSS of one `report.py --timeline --require-complete` over the files."""
     started = time.monotonic()
-    report = subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--report", str(collected),
-                               "--timeline", str(collected.with_suffix(".csv"))],
+    report = subprocess.Popen([sys.executable, str(REPO / "report.py"), *map(str, files), "--require-complete",
+                               "--timeline", str(files[0].with_suffix(".csv"))],
                               stdout=subprocess.PIPE, text=True, env=env, preexec_fn=on_core(MEASURED_CORE))
     output = report.stdout.read()
     _, status, usage = os.wait4(report.pid, 0)  # wait4, for the peak RSS of this process alone
     report.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     samples = len(range(0, REPORT_RECORDS, 375))
-    expected = f"request records {REPORT_RECORDS - samples}, resource samples {samples},"
+    expected = (f"request records {REPORT_RECORDS - samples}, resource samples {samples}, other records 8, "
+                f"duplicates merged {(len(files) - 1) * (REPORT_RECORDS + 8)},")
     assert report.returncode == 0 and expected in output, output
     return {"seconds": time.monotonic() - started, "max_rss": usage.ru_maxrss * 1024}
 
@@ -354,20 +368,23 @@ def main():
             print(f"part 1: hook cost, {args.rounds} runs", file=sys.stderr)
             cycles = hook_cost(workdir, host, args.rounds)
             print("part 2: sink ceiling", file=sys.stderr)
-            bares, sinks, plain_sinks = [], [], []
+            bares, sinks, two_sinks, plain_sinks = [], [], [], []
             for _ in range(args.sink_rounds):
                 bares.append(bare_run())
                 sinks.append(sink_run(workdir, os.environ))
+                two_sinks.append(sink_run(workdir, os.environ, cores=(MEASURED_CORE, HELPER_CORE)))
                 plain_sinks.append(sink_run(workdir, without_accelerators(workdir)))
             print("part 3: a Locust process's queue while its sink is down", file=sys.stderr)
             queue_rss, queue_report = queue_memory(workdir, host)
             print("part 4: the report", file=sys.stderr)
             collected = workdir / "collected.jsonl"
             write_collected(collected, REPORT_RECORDS)
-            reports = {"with simdjson": [], "json module only": []}
+            reports = {"with simdjson": [], "json module only": [], "with simdjson, the file merged with itself": []}
             for _ in range(args.sink_rounds):
-                reports["with simdjson"].append(report_run(collected, os.environ))
-                reports["json module only"].append(report_run(collected, without_accelerators(workdir)))
+                reports["with simdjson"].append(report_run([collected], os.environ))
+                reports["json module only"].append(report_run([collected], without_accelerators(workdir)))
+                reports["with simdjson, the file merged with itself"].append(
+                    report_run([collected, collected], os.environ))
             collected_bytes = collected.stat().st_size
             dict_bytes = bytes_as_dicts(collected)
         finally:
@@ -395,10 +412,12 @@ def main():
     print("| loop | records/s | worker-equivalents | of the bare loop |")
     print("|---|---|---|---|")
     print(f"| bare PULL loop (receive, count, discard) | {bare_rate:,.0f} | {bare_rate / worker_rate:.0f} | 100% |")
-    for label, runs_of_sink in (("sink.py with simdjson", sinks), ("sink.py, json module only", plain_sinks)):
+    for label, runs_of_sink in (("sink.py with simdjson", sinks), ("two sink.py with simdjson, one a core", two_sinks),
+                                ("sink.py, json module only", plain_sinks)):
         rate = statistics.median(s["records"] / s["seconds"] for s in runs_of_sink)
         print(f"| {label} (validate, write) | {rate:,.0f} | {rate / worker_rate:.0f} | {rate / bare_rate:.0%} |")
-    every_line = all(s["parsed"] == s["records"] == PUSHERS * RECORDS_PER_PUSHER for s in sinks + plain_sinks)
+    every_line = all(s["parsed"] == s["records"] == PUSHERS * RECORDS_PER_PUSHER
+                     for s in sinks + two_sinks + plain_sinks)
     print(f"(one worker-equivalent = {worker_rate:.0f} requests/s, the median no-hooks rate above; every line "
           f"written, in every run, parsed as a JSON object with json.loads: {every_line})")
 
@@ -410,14 +429,15 @@ def main():
     print(f"- Locust process, sink down, ZMQ_SINK_QUEUE=20000: RSS {' '.join(f'{x / mb:.0f}' for x in queue_rss)} MB "
           f"(one sample a second); at exit: {queue_report}")
 
-    print(f"\nReport: sink.py --report --timeline over {REPORT_RECORDS:,} records ({collected_bytes / 1e6:.0f} MB); "
+    print(f"\nReport: report.py --timeline over {REPORT_RECORDS:,} records ({collected_bytes / 1e6:.0f} MB); "
           f"median of {args.sink_rounds}")
-    print("| sink.py | seconds | records/s | peak RSS |")
+    print("| report.py | seconds | lines/s | peak RSS |")
     print("|---|---|---|---|")
     for label, runs_of_report in reports.items():
         seconds = statistics.median(r["seconds"] for r in runs_of_report)
         peak = max(r["max_rss"] for r in runs_of_report)
-        print(f"| {label} | {seconds:.1f} | {REPORT_RECORDS / seconds:,.0f} | {peak / mb:.0f} MB |")
+        lines = REPORT_RECORDS * (2 if "merged" in label else 1)
+        print(f"| {label} | {seconds:.1f} | {lines / seconds:,.0f} | {peak / mb:.0f} MB |")
     print(f"(the same records kept as dicts from json.loads: {dict_bytes / 1000:.1f} kB each over the first 100,000, "
           f"so {dict_bytes * REPORT_RECORDS / 1e9:.1f} GB for the file)")
 
