@@ -6,6 +6,7 @@ Usage::
     python sink.py --log-file requests.jsonl                  # on the collecting machine
     ZMQ_SINK_ADDRESS=tcp://10.0.0.5:5555 LOCUST_LOG_FILE=local.jsonl \\
         locust -f locustfile.py --processes 4                 # on each load generator
+    python report.py requests.jsonl                           # is every record there? the percentiles
 
 Settings (environment variables):
 

@@ -26,6 +26,7 @@ import heapq
 import json
 import math
 import re
+import signal
 import sys
 import time
 from array import array
@@ -41,7 +42,7 @@ CPU_WARNING = 90  # percent of one core, where Locust warns that a worker's resp
 # The locustfile's `time`: fixed width, so that comparing two as strings compares them as times.
 TIME_FORMAT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 OBJECTS = (dict, simdjson.Object) if simdjson else (dict,)
-MAX_SEQ = 1 << 63
+MAX_SEQ = 1 << 63  # a seq this large is a broken line, not a count: no process makes that many records
 
 
 def read_json(line):
@@ -182,10 +183,11 @@ class Collected:
     def take(self, record):
         """Count one record and say what it was, or raise ValueError, before counting anything, if it lacks
         what a record of locustfile.py has."""
-        if type(record) not in OBJECTS or "message" not in record:
+        message = record.get("message") if type(record) in OBJECTS else None
+        if message is None:
             return "skipped"  # JSON, but no record of a process
-        when, worker, hostname, run_id, seq, message = (record["time"], record["worker"], record["hostname"],
-                                                        record.get("run_id"), record.get("seq"), record["message"])
+        when, worker, hostname = record["time"], record["worker"], record["hostname"]
+        run_id, seq = record.get("run_id"), record.get("seq")
         if not (type(when) is type(worker) is type(hostname) is str and TIME_FORMAT.fullmatch(when)
                 and (run_id is None or type(run_id) is str)
                 and (seq is None or type(seq) is int and 0 < seq < MAX_SEQ)):
@@ -203,7 +205,9 @@ class Collected:
         elif kind == "end" and (seq is None or message["records"] != seq):
             raise ValueError("an end record counts the records of its process, itself included: its seq")
 
-        process = self.processes.get(worker) or self.processes.setdefault(worker, Process(hostname))
+        process = self.processes.get(worker)
+        if process is None:
+            process = self.processes[worker] = Process(hostname)
         if seq is None:
             process.unnumbered += 1
         elif not process.first_sight(seq):
@@ -276,6 +280,7 @@ def request_stats(ordered, failures, span):
 
 
 def print_report(report, only_run):
+    print(verdict(report))
     lines = report["lines"]
     print(f"{', '.join(report['files'])}: request records {lines['request']}, resource samples {lines['sample']}"
           + (f" (of run {only_run})" if only_run is not None else "")
@@ -283,7 +288,8 @@ def print_report(report, only_run):
           f"{lines['skipped']} (JSON, but not records), unreadable lines {lines['unreadable']}"
           + (f" (the first: {lines['first_unreadable']})" if lines["unreadable"] else ""))
     print()
-    print_completeness(report)
+    if report["processes"]:
+        print_processes(report)
     if not report["runs"]:
         print("No request records and no resource samples: nothing more to report.")
     for run in report["runs"]:
@@ -291,28 +297,32 @@ def print_report(report, only_run):
         print_workers(run["workers"])
 
 
-def print_completeness(report):
+def verdict(report):
+    """One line: are all records of every process in the files?"""
     processes = report["processes"]
     if not processes:
-        print("INCOMPLETE: no records of any process.\n")
-        return
+        return "INCOMPLETE: no records of any process."
     if report["complete"]:
-        print(f"Complete: all {sum(p['records'] for p in processes)} records of {count(len(processes), 'process')}.")
-    else:
-        missing = [p for p in processes if p["missing"]]
-        not_ended = [p for p in processes if not p["ended"]]
-        unnumbered = [p for p in processes if p["unnumbered"]]
-        verdict = []
-        if missing:
-            verdict.append(f"{report['missing']} records missing from {len(missing)} of "
-                           f"{count(len(processes), 'process')}")
-        if not_ended:
-            verdict.append(f"{len(not_ended)} of {count(len(processes), 'process')} did not end cleanly, so what "
-                           "they made last is unknown")
-        if unnumbered:
-            verdict.append(f"{sum(p['unnumbered'] for p in unnumbered)} records without seq, from "
-                           f"{count(len(unnumbered), 'process')}, cannot be checked")
-        print(f"INCOMPLETE: {'; '.join(verdict)}.")
+        return f"Complete: all {sum(p['records'] for p in processes)} records of {count(len(processes), 'process')}."
+    missing = [p for p in processes if p["missing"]]
+    not_ended = [p for p in processes if not p["ended"]]
+    unnumbered = [p for p in processes if p["unnumbered"]]
+    findings = []
+    if missing:
+        findings.append(f"{report['missing']} records missing from {len(missing)} of "
+                        f"{count(len(processes), 'process')}")
+    if not_ended:
+        findings.append(f"{len(not_ended)} of {count(len(processes), 'process')} did not end cleanly, so what they "
+                        "made last is unknown")
+    if unnumbered:
+        findings.append(f"{sum(p['unnumbered'] for p in unnumbered)} records without seq, from "
+                        f"{count(len(unnumbered), 'process')}, cannot be checked")
+    return f"INCOMPLETE: {'; '.join(findings)}."
+
+
+def print_processes(report):
+    """Each process: its records in the files, how many are missing, and whether it ended cleanly."""
+    processes = report["processes"]
     worker_width = max(len("Process"), *(len(p["worker"]) for p in processes))
     host_width = max(len("host"), *(len(p["hostname"]) for p in processes))
     print(f"{'Process':<{worker_width}} {'host':<{host_width}} {'records':>9} {'missing':>9}  ended")
@@ -391,6 +401,7 @@ def main():
     parser.add_argument("--require-complete", action="store_true",
                         help="exit 1 if a record is missing or a process did not end cleanly")
     args = parser.parse_args()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `report.py FILE | head` ends quietly, as any Unix tool does
 
     collected = Collected(args.run, timeline=args.timeline is not None)
     for path in args.files:

@@ -109,6 +109,25 @@ def why_rejected(frame, lines):
     return None
 
 
+def write_whole(out, data):
+    """Write all of data to an unbuffered file, where one write may take only part (a signal, a full disk)."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view):]
+
+
+def open_log(path):
+    """Open the file to append to, unbuffered; end a line that a killed sink left incomplete. Returns the file
+    and what was done to it, for the start line."""
+    out = open(path, "ab+", buffering=0)
+    size = os.fstat(out.fileno()).st_size
+    if size and os.pread(out.fileno(), 1, size - 1) != b"\n":
+        # Without it, the next record would be glued onto the fragment, and both lost to a line reader.
+        out.write(b"\n")
+        return out, " (its last line was incomplete: ended it with a line break)"
+    return out, ""
+
+
 class Sink:
     """Receives frames, appends the valid ones to the file and counts the rest."""
 
@@ -151,25 +170,6 @@ class Sink:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.rejected.items()))
         return (f"{self.written} records written in {seconds:.1f}s ({rate:.0f}/s), "
                 f"{sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else ""))
-
-
-def write_whole(out, data):
-    """Write all of data to an unbuffered file, where one write may take only part (a signal, a full disk)."""
-    view = memoryview(data)
-    while view:
-        view = view[out.write(view):]
-
-
-def open_log(path):
-    """Open the file to append to, unbuffered; end a line that a killed sink left incomplete. Returns the file
-    and what was done to it, for the start line."""
-    out = open(path, "ab+", buffering=0)
-    size = os.fstat(out.fileno()).st_size
-    if size and os.pread(out.fileno(), 1, size - 1) != b"\n":
-        # Without it, the next record would be glued onto the fragment, and both lost to a line reader.
-        out.write(b"\n")
-        return out, " (its last line was incomplete: ended it with a line break)"
-    return out, ""
 
 
 def parse_args():
