@@ -369,9 +369,13 @@ class RequestLog:
             self.writer.kill()
             self.write_pending()
         # The last record says how many this process made, itself included: a reader of any file can then
-        # tell whether it holds all of them. Records dropped after it, or still queued, are logged below.
-        self.logger.info({"class": "end", "records": self.formatter.seq + 1, "requests": self.requests,
-                          "dropped": self.pusher.dropped if self.pusher else 0})
+        # tell whether it holds all of them. Straight to the handlers, like requests, whatever the logger's
+        # level. Records dropped after it, or still queued, are logged below.
+        end = self.formatter.to_json(time.time(), "INFO", {
+            "class": "end", "records": self.formatter.seq + 1, "requests": self.requests,
+            "dropped": self.pusher.dropped if self.pusher else 0})
+        for handler in self.handlers:
+            handler.write_lines([end])
         for handler in self.handlers:
             self.logger.removeHandler(handler)
             handler.close()

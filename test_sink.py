@@ -276,15 +276,19 @@ def test_processes_run_delivers_every_request_from_each_process(tmp_path, tag, t
     assert_complete(sink.log_file, processes=3)  # the master logs its end record
 
 
+def start_workers(tmp_path, tag, target, master_port, sink_address):
+    """Two `--worker` processes, labelled loadgen-1 and loadgen-2, pushing to the sink."""
+    return [subprocess.Popen(locust_command(target, "--worker", "--master-host", "127.0.0.1", "--master-port",
+                                            master_port),
+                             cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink_address, HOST=f"loadgen-{i}"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for i in (1, 2)]
+
+
 def test_master_and_workers_deliver_every_request(tmp_path, tag, target, sinks):
     sink = sinks()
     port = str(free_port())
-    workers = [
-        subprocess.Popen(locust_command(target, "--worker", "--master-host", "127.0.0.1", "--master-port", port),
-                         cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink.address, HOST=f"loadgen-{i}"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for i in (1, 2)
-    ]
+    workers = start_workers(tmp_path, tag, target, port, sink.address)
     try:
         # The master logs nothing of its own here, and still names the run for its workers.
         code, stderr, stats = run_locust(
@@ -329,8 +333,11 @@ def test_web_ui_run_with_processes_delivers_every_request(tmp_path, tag, target,
 # --- every record accounted for, also when something dies --------------------------------------
 
 FULL_SPEED_LOCUSTFILE = """
+    import logging
     import locustfile  # the hooks register themselves on import
     from locust import FastHttpUser, constant, task
+
+    locustfile.logger.setLevel(logging.WARNING)  # lines of your own off: requests and end records stay
 
     class FullSpeedUser(FastHttpUser):
         wait_time = constant(0)
@@ -394,12 +401,7 @@ def test_sink_killed_mid_run_leaves_whole_lines_and_the_report_counts_what_was_l
 def test_a_worker_killed_mid_run_is_named_as_not_ended(tmp_path, tag, target, sinks):
     sink = sinks()
     port = str(free_port())
-    workers = [
-        subprocess.Popen(locust_command(target, "--worker", "--master-host", "127.0.0.1", "--master-port", port),
-                         cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink.address, HOST=f"loadgen-{i}"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for i in (1, 2)
-    ]
+    workers = start_workers(tmp_path, tag, target, port, sink.address)
     command = locust_command(target, "--headless", "-u", "4", "-r", "4", "-t", "6s", "--master", "--expect-workers",
                              "2", "--master-bind-host", "127.0.0.1", "--master-bind-port", port)
     master = subprocess.Popen(command, cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink.address),
