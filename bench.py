@@ -6,13 +6,13 @@ Benchmark: what logging every request costs a Locust process, and how fast one s
 Everything runs on 127.0.0.1 and is started and stopped here:
 
 1. Hook cost. One saturated Locust process (FastHttpUser, 10 users, no wait) against a minimal HTTP
-   target, in three variants, rounds interleaved: no hooks; Locust's own CsvRequestLogger; this project's
-   locustfile with a local file and a running sink. Each run measures its own CPU time (all threads, so
-   libzmq's I/O thread counts) and requests over a steady window after warm-up.
+   target, in turns inside each run: no hooks; Locust's own CsvRequestLogger; this project's locustfile
+   with a local file and a running sink. Each run measures its own CPU time (all threads, so libzmq's I/O
+   thread counts) and requests over a steady window after warm-up. The same runs again with CURVE on.
 2. Sink ceiling. Two pusher processes send realistic records as our handler does (frames of records
-   separated by line breaks) to sink.py, to two sink.py side by side (one a core), and to a bare PULL loop
-   that only counts them. Every line the sinks wrote is then parsed with json.loads. Target: 100 times the
-   request rate of one saturated Locust process from part 1.
+   separated by line breaks) to sink.py (also with CURVE), to two sink.py side by side (one a core), and to a
+   bare PULL loop that only counts them. Every line the sinks wrote is then parsed with json.loads. Target:
+   100 times the request rate of one saturated Locust process from part 1.
 3. Memory. The sink's RSS while it writes; a Locust process's RSS while its sink is down and its queue fills.
 4. Report. `report.py --timeline` on a collected file of 2 million records: time and peak RSS, with and
    without simdjson, and merging the file with itself (every record twice).
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import psutil
 import zmq
+import zmq.auth
 
 REPO = Path(__file__).resolve().parent
 # Part 1: each Locust run ignores WARMUP seconds, then turns the variants on in turn for SLICE seconds
@@ -156,9 +157,13 @@ def sample_frame(n=RECORDS_PER_FRAME):
     return b"\n".join(records)
 
 
-def push(addresses, records):
+def push(addresses, records, keys=None):
     frame = sample_frame()
     with zmq.Context() as context, context.socket(zmq.PUSH) as pusher:
+        if keys:  # encrypt as a load generator does
+            pusher.curve_serverkey = zmq.auth.load_certificate(Path(keys) / "sink.key")[0]
+            pusher.curve_publickey, pusher.curve_secretkey = zmq.auth.load_certificate(
+                Path(keys) / "loadgen.key_secret")
         for address in addresses.split(","):
             pusher.connect(address)
         for _ in range(int(records) // RECORDS_PER_FRAME):
@@ -194,14 +199,21 @@ def locust(workdir, host, env, seconds, **popen):
                             cwd=workdir, env=env, stdout=subprocess.DEVNULL, preexec_fn=on_core(MEASURED_CORE), **popen)
 
 
-def hook_cost(workdir, host, rounds):
+def curve_settings(keys):
+    """The sink's flags and the load generator's environment for CURVE with the keys in the folder."""
+    return (["--curve-secret", str(keys / "sink.key_secret"), "--curve-clients", str(keys / "clients")],
+            {"ZMQ_SINK_CURVE_PUBLIC": str(keys / "sink.key"), "LOCUST_CURVE_SECRET": str(keys / "loadgen.key_secret")})
+
+
+def hook_cost(workdir, host, rounds, keys=None):
     """Every cycle of every run: {variant: [cpu seconds, requests, seconds]} of that variant's slice."""
+    sink_flags, curve_env = curve_settings(keys) if keys else ([], {})
     sink_address = f"tcp://127.0.0.1:{free_port()}"
     sink = subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--bind", sink_address,
-                             "--log-file", str(workdir / "hook-sink.jsonl")], stderr=subprocess.DEVNULL,
+                             "--log-file", str(workdir / "hook-sink.jsonl"), *sink_flags], stderr=subprocess.DEVNULL,
                             preexec_fn=on_core(HELPER_CORE))
     env = dict(os.environ, ZMQ_SINK_ADDRESS=sink_address, LOCUST_LOG_FILE=str(workdir / "local.jsonl"),
-               BENCH_CSV=str(workdir / "requests.csv"), BENCH_RESULT=str(workdir / "result.json"))
+               BENCH_CSV=str(workdir / "requests.csv"), BENCH_RESULT=str(workdir / "result.json"), **curve_env)
     cycles = []
     try:
         for n in range(rounds):
@@ -226,23 +238,25 @@ def without_accelerators(workdir):
     return dict(os.environ, PYTHONPATH=str(shadow))
 
 
-def start_pushers(addresses):
-    return [subprocess.Popen([sys.executable, __file__, "push", ",".join(addresses), str(RECORDS_PER_PUSHER)],
+def start_pushers(addresses, keys=None):
+    return [subprocess.Popen([sys.executable, __file__, "push", ",".join(addresses), str(RECORDS_PER_PUSHER),
+                              *([str(keys)] if keys else [])],
                              preexec_fn=on_core(HELPER_CORE)) for _ in range(PUSHERS)]
 
 
-def sink_run(workdir, env, cores=(MEASURED_CORE,)):
+def sink_run(workdir, env, cores=(MEASURED_CORE,), keys=None):
     """One sink.py on each of the cores; the pushers spread their frames over them."""
     addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in cores]
     outs = [workdir / f"sink{n}.jsonl" for n in range(len(cores))]
     stderrs = [workdir / f"sink{n}.err" for n in range(len(cores))]
-    sinks = [subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--bind", address, "--log-file", str(out)],
-                              stderr=stderr.open("w"), env=env, preexec_fn=on_core(core))
+    sink_flags = curve_settings(keys)[0] if keys else []
+    sinks = [subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--bind", address, "--log-file", str(out),
+                               *sink_flags], stderr=stderr.open("w"), env=env, preexec_fn=on_core(core))
              for address, out, stderr, core in zip(addresses, outs, stderrs, cores)]
     while not all("listening on" in stderr.read_text() for stderr in stderrs):
         time.sleep(0.05)
     rss = []
-    pushers = start_pushers(addresses)
+    pushers = start_pushers(addresses, keys)
     process = psutil.Process(sinks[0].pid)
     # The sinks' progress lines show when they have written everything; each one's rate is from its first
     # to its last arrival, and they start together, so together they wrote everything in the longest time.
@@ -366,12 +380,18 @@ def main():
         workdir = Path(tmp)
         try:
             print(f"part 1: hook cost, {args.rounds} runs", file=sys.stderr)
+            keys = workdir / "keys"
+            subprocess.run([sys.executable, str(REPO / "sink.py"), "--make-keys", str(keys)], check=True,
+                           stdout=subprocess.DEVNULL)
             cycles = hook_cost(workdir, host, args.rounds)
+            print(f"part 1 with CURVE: hook cost, {args.rounds} runs", file=sys.stderr)
+            curve_cycles = hook_cost(workdir, host, args.rounds, keys)
             print("part 2: sink ceiling", file=sys.stderr)
-            bares, sinks, two_sinks, plain_sinks = [], [], [], []
+            bares, sinks, curve_sinks, two_sinks, plain_sinks = [], [], [], [], []
             for _ in range(args.sink_rounds):
                 bares.append(bare_run())
                 sinks.append(sink_run(workdir, os.environ))
+                curve_sinks.append(sink_run(workdir, os.environ, keys=keys))
                 two_sinks.append(sink_run(workdir, os.environ, cores=(MEASURED_CORE, HELPER_CORE)))
                 plain_sinks.append(sink_run(workdir, without_accelerators(workdir)))
             print("part 3: a Locust process's queue while its sink is down", file=sys.stderr)
@@ -399,10 +419,14 @@ def main():
           f"no-hooks slice of the same cycle; medians and quartiles over the cycles")
     print("| variant | CPU per request | requests/s | vs no hooks: median (quartiles) |")
     print("|---|---|---|---|")
-    for v in VARIANTS:
-        ratios = [c / base for c, base in zip(cost[v], cost["no hooks"])]
+    curve_cost = {v: [c[v][0] / c[v][1] * 1e6 for c in curve_cycles] for v in ("no hooks", "this project")}
+    rows = [(v, cost[v], cost["no hooks"], rate[v]) for v in VARIANTS] + [
+        ("this project, CURVE (its own runs, against their no-hooks slices)", curve_cost["this project"],
+         curve_cost["no hooks"], [c["this project"][1] / c["this project"][2] for c in curve_cycles])]
+    for label, costs, base_costs, rates in rows:
+        ratios = [c / base for c, base in zip(costs, base_costs)]
         low, _, high = statistics.quantiles(ratios, n=4)
-        print(f"| {v} | {statistics.median(cost[v]):.1f} µs | {statistics.median(rate[v]):.0f} | "
+        print(f"| {label} | {statistics.median(costs):.1f} µs | {statistics.median(rates):.0f} | "
               f"{statistics.median(ratios):.3f}× ({low:.3f}–{high:.3f}) |")
 
     worker_rate = statistics.median(rate["no hooks"])
@@ -412,12 +436,13 @@ def main():
     print("| loop | records/s | worker-equivalents | of the bare loop |")
     print("|---|---|---|---|")
     print(f"| bare PULL loop (receive, count, discard) | {bare_rate:,.0f} | {bare_rate / worker_rate:.0f} | 100% |")
-    for label, runs_of_sink in (("sink.py with simdjson", sinks), ("two sink.py with simdjson, one a core", two_sinks),
+    for label, runs_of_sink in (("sink.py with simdjson", sinks), ("sink.py with simdjson, CURVE", curve_sinks),
+                                ("two sink.py with simdjson, one a core", two_sinks),
                                 ("sink.py, json module only", plain_sinks)):
         rate = statistics.median(s["records"] / s["seconds"] for s in runs_of_sink)
         print(f"| {label} (validate, write) | {rate:,.0f} | {rate / worker_rate:.0f} | {rate / bare_rate:.0%} |")
     every_line = all(s["parsed"] == s["records"] == PUSHERS * RECORDS_PER_PUSHER
-                     for s in sinks + two_sinks + plain_sinks)
+                     for s in sinks + curve_sinks + two_sinks + plain_sinks)
     print(f"(one worker-equivalent = {worker_rate:.0f} requests/s, the median no-hooks rate above; every line "
           f"written, in every run, parsed as a JSON object with json.loads: {every_line})")
 

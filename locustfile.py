@@ -16,6 +16,8 @@ Settings (environment variables):
                               sinks, comma-separated: ZeroMQ spreads the frames among those connected.
 ``ZMQ_SINK_QUEUE``            records a process holds while the sink is unreachable or slow (100000).
 ``ZMQ_SINK_FLUSH_TIMEOUT``    seconds a process spends delivering its queue when it quits (2).
+``ZMQ_SINK_CURVE_PUBLIC``     with CURVE: the sink's public ``.key`` file (``python sink.py --make-keys``).
+``LOCUST_CURVE_SECRET``       with CURVE: this load generator's ``.key_secret`` file. Set both, or neither.
 ``HOST``                      the ``hostname`` label on records (default: this machine's host name).
 ``LOCUST_RESOURCE_INTERVAL``  seconds between a process's resource samples while a test runs (2); 0: none.
 
@@ -54,6 +56,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -61,6 +64,7 @@ from pathlib import Path
 import gevent
 import psutil
 import zmq
+import zmq.auth
 from locust import FastHttpUser, between, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -75,12 +79,39 @@ SINK_ADDRESSES = [address.strip() for address in os.environ.get("ZMQ_SINK_ADDRES
 QUEUE_LIMIT = int(os.environ.get("ZMQ_SINK_QUEUE", "100000"))
 FLUSH_TIMEOUT = float(os.environ.get("ZMQ_SINK_FLUSH_TIMEOUT", "2"))
 HOSTNAME = os.environ.get("HOST") or socket.gethostname()
+SINK_CURVE_PUBLIC = os.environ.get("ZMQ_SINK_CURVE_PUBLIC")
+CURVE_SECRET = os.environ.get("LOCUST_CURVE_SECRET")
 RESOURCE_INTERVAL = float(os.environ.get("LOCUST_RESOURCE_INTERVAL", "2"))
 
 # Records go to our own handlers only; propagating would print every request on Locust's console.
 logger = logging.getLogger("request_log")
 logger.setLevel(logging.INFO)
 logger.propagate = False
+
+
+def load_curve_keys(sink_public_file, secret_file):
+    """(the sink's public key, ours, our secret key) from pyzmq certificate files, or None when neither is set.
+    A setting that cannot be used stops Locust with one line: running unencrypted was not what was asked."""
+    if not sink_public_file and not secret_file:
+        return None
+    if not (sink_public_file and secret_file):
+        sys.exit("request_log: ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET go together: set both, or neither")
+    keys = []
+    for setting, path, wanted in (("ZMQ_SINK_CURVE_PUBLIC", sink_public_file, "the sink's public .key file"),
+                                  ("LOCUST_CURVE_SECRET", secret_file, "this load generator's .key_secret file")):
+        try:
+            keys.append(zmq.auth.load_certificate(path))
+        except (OSError, ValueError) as error:
+            reason = "no such file" if not os.path.exists(path) else getattr(error, "strerror", None) or error
+            sys.exit(f"request_log: {setting}={path}: {reason}; expected {wanted}")
+    (sink_public, _), (public, secret) = keys
+    if secret is None:
+        sys.exit(f"request_log: LOCUST_CURVE_SECRET={secret_file}: holds no secret key; expected this load "
+                 "generator's .key_secret file, not a public .key")
+    return sink_public, public, secret
+
+
+CURVE_KEYS = load_curve_keys(SINK_CURVE_PUBLIC, CURVE_SECRET)  # read now: a bad file stops Locust before any test
 
 
 # default=str turns exceptions, bytes and custom context objects into text; NaN is not JSON. Compact
@@ -204,7 +235,7 @@ class ZmqPushHandler(LinesHandler):
     BATCH = 1000  # records per frame at most
     SNDHWM = 10  # frames ZeroMQ holds for a connected sink: at most 10 * BATCH records
 
-    def __init__(self, addresses, queue_limit, flush_timeout):
+    def __init__(self, addresses, queue_limit, flush_timeout, curve_keys=None):
         super().__init__()
         self.address = ",".join(addresses)
         self.queue_limit = queue_limit
@@ -217,6 +248,8 @@ class ZmqPushHandler(LinesHandler):
         self.socket = self.context.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.IMMEDIATE, 1)
         self.socket.setsockopt(zmq.SNDHWM, self.SNDHWM)
+        if curve_keys:  # encrypted, to a sink that knows our public key; without a handshake nothing leaves
+            self.socket.curve_serverkey, self.socket.curve_publickey, self.socket.curve_secretkey = curve_keys
         for address in addresses:  # several sinks: PUSH sends each frame to one of those connected, in turn
             self.socket.connect(address)
         self.forwarder = gevent.spawn(self._forward_forever)
@@ -264,9 +297,11 @@ class ZmqPushHandler(LinesHandler):
             if undelivered:
                 report.warning(
                     "ZeroMQ sink %s: %d records not delivered (%d dropped on a full queue of %d, "
-                    "%d still queued after %.1fs); %d sent",
+                    "%d still queued after %.1fs); %d sent%s",
                     self.address, undelivered, self.dropped, self.queue_limit, self.queued,
                     self.flush_timeout, self.sent,
+                    "" if self.sent else ": no sink completed a handshake with this process (none running there, "
+                    "or it refused this process's CURVE key, or its lack of one)",
                 )
             elif self.sent:
                 report.info("ZeroMQ sink %s: %d records sent", self.address, self.sent)
@@ -297,7 +332,7 @@ class RequestLog:
                 path = path.with_name(f"{path.stem}.{worker}{path.suffix}")
             self.handlers.append(JsonLinesFileHandler(path))
         if SINK_ADDRESSES:
-            self.pusher = ZmqPushHandler(SINK_ADDRESSES, QUEUE_LIMIT, FLUSH_TIMEOUT)
+            self.pusher = ZmqPushHandler(SINK_ADDRESSES, QUEUE_LIMIT, FLUSH_TIMEOUT, CURVE_KEYS)
             self.handlers.append(self.pusher)
         for handler in self.handlers:
             handler.setFormatter(self.formatter)

@@ -18,6 +18,11 @@ starts on a file whose last line is incomplete first ends that line, and says so
 
 Progress goes to stderr every few seconds while records arrive. SIGINT or SIGTERM: the sink writes
 what it has received, closes the file and prints a summary. ``python report.py`` reports on the file.
+
+Across untrusted networks (CURVE: encrypted, and only the load generators whose keys you gave)::
+
+    python sink.py --make-keys keys       # a key pair for the sink, one for the load generators
+    python sink.py --curve-secret keys/sink.key_secret --curve-clients keys/clients
 """
 
 import argparse
@@ -25,10 +30,15 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import zmq
+import zmq.auth
+from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 try:
     import simdjson  # optional (pysimdjson): checks a record without building it, ~10x the json module's speed
@@ -42,6 +52,9 @@ MAX_FRAME_BYTES = 64 << 20
 # what the sink buffers when it falls behind (ZeroMQ's default of 1000 let a test run reach 600 MB).
 RCVHWM = 10
 PROGRESS_EVERY = 2.0  # seconds
+# Handshakes that fail before ZAP is asked. libzmq names only our own endpoint for them, not the client's.
+FAILED_HANDSHAKES = {zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "a client without CURVE keys",
+                     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "a client that encrypts to another sink's public key"}
 
 
 def reject_constant(name):
@@ -172,17 +185,110 @@ class Sink:
                 f"{sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else ""))
 
 
+def load_curve(secret_file, clients_folder):
+    """The sink's CURVE key pair and the public keys of the clients it accepts; exits with one line when a
+    setting is missing or a file unusable: a sink must never run open when it was asked to run closed."""
+    if not secret_file and not clients_folder:
+        return None
+    if not (secret_file and clients_folder):
+        sys.exit("sink: --curve-secret (ZMQ_SINK_CURVE_SECRET) and --curve-clients (ZMQ_SINK_CURVE_CLIENTS) go "
+                 "together: set both, or neither")
+    try:
+        public, secret = zmq.auth.load_certificate(secret_file)
+    except (OSError, ValueError) as error:
+        sys.exit(f"sink: --curve-secret {secret_file}: {why_unusable(secret_file, error)}; expected the "
+                 f"sink's .key_secret file, as python sink.py --make-keys writes it")
+    if secret is None:
+        sys.exit(f"sink: --curve-secret {secret_file}: holds no secret key; expected the sink's .key_secret file, "
+                 "not its public .key")
+    try:
+        clients = set(zmq.auth.load_certificates(clients_folder))
+    except (OSError, ValueError) as error:
+        sys.exit(f"sink: --curve-clients {clients_folder}: {why_unusable(clients_folder, error)}; expected a "
+                 "folder of the load generators' public .key files")
+    if not clients:
+        sys.exit(f"sink: --curve-clients {clients_folder}: holds no .key file, so no load generator could connect")
+    return public, secret, clients
+
+
+def why_unusable(path, error):
+    """What is wrong with a key file or folder, in words; pyzmq says "invalid" for a path that does not exist."""
+    return "no such file or folder" if not os.path.exists(path) else getattr(error, "strerror", None) or error
+
+
+def authenticate(zap, clients):
+    """Answers libzmq's ZAP requests (RFC 27) for the CURVE socket: a client whose public key is in `clients`
+    is let in, any other refused; each refused address is printed once, not at every retry."""
+    refused = set()
+    try:
+        while True:
+            version, request_id, _domain, address, _identity, mechanism, *credentials = zap.recv_multipart()
+            allowed = mechanism == b"CURVE" and z85.encode(credentials[0]) in clients
+            if not allowed and address not in refused:
+                refused.add(address)
+                print(f"sink: refused {address.decode()}: its CURVE key is not in --curve-clients", file=sys.stderr,
+                      flush=True)
+            zap.send_multipart([version, request_id, b"200" if allowed else b"400",
+                                b"OK" if allowed else b"unknown key", b"", b""])
+    except zmq.ContextTerminated:
+        zap.close()
+
+
+def report_failed_handshakes(monitor, reported):
+    """Print each kind of handshake that failed before ZAP once (its client's address is not known)."""
+    while monitor.poll(0):
+        code = recv_monitor_message(monitor)["value"]
+        kind = FAILED_HANDSHAKES.get(code, f"a client whose handshake failed (ZeroMQ protocol error {code:#x})")
+        if kind not in reported:
+            reported.add(kind)
+            print(f"sink: refused {kind} (its address is not known)", file=sys.stderr, flush=True)
+
+
+def make_keys(folder):
+    """A key pair for the sink and one for the load generators, with the latter's public key in clients/."""
+    folder = Path(folder)
+    made = [folder / "sink.key", folder / "sink.key_secret", folder / "clients" / "loadgen.key",
+            folder / "loadgen.key_secret"]
+    for path in made:
+        if path.exists():
+            sys.exit(f"sink: --make-keys {folder}: {path} exists; keys are never overwritten")
+    os.umask(0o077)  # secret keys readable by their owner only, from the moment they exist
+    try:
+        (folder / "clients").mkdir(parents=True, exist_ok=True)
+        zmq.auth.create_certificates(folder, "sink")
+        zmq.auth.create_certificates(folder / "clients", "loadgen")
+        (folder / "clients" / "loadgen.key_secret").rename(folder / "loadgen.key_secret")
+    except OSError as error:
+        sys.exit(f"sink: --make-keys {folder}: {error.strerror}: {error.filename}")
+    print(f"""{made[1]}  the sink's secret key: stays on its machine (--curve-secret)
+{made[2].parent}/  the load generators' public keys that the sink accepts (--curve-clients)
+{made[0]}  the sink's public key: copy it to every load generator (ZMQ_SINK_CURVE_PUBLIC)
+{made[3]}  the load generators' secret key: copy it to them only (LOCUST_CURVE_SECRET)""")
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bind", default=os.environ.get("ZMQ_SINK_BIND", "tcp://*:5555"),
                         help="ZeroMQ address to bind the PULL socket to (env ZMQ_SINK_BIND; default %(default)s)")
     parser.add_argument("--log-file", default=os.environ.get("ZMQ_SINK_LOG_FILE", "requests.jsonl"),
-                        help="JSON-lines file to append to, never truncated (env ZMQ_SINK_LOG_FILE; default %(default)s)")
+                        help="JSON-lines file to append to, never truncated (env ZMQ_SINK_LOG_FILE; "
+                             "default %(default)s)")
+    parser.add_argument("--curve-secret", metavar="FILE", default=os.environ.get("ZMQ_SINK_CURVE_SECRET"),
+                        help="the sink's .key_secret file: encrypt, and accept only the keys in --curve-clients "
+                             "(env ZMQ_SINK_CURVE_SECRET)")
+    parser.add_argument("--curve-clients", metavar="FOLDER", default=os.environ.get("ZMQ_SINK_CURVE_CLIENTS"),
+                        help="folder of the public .key files of the load generators to accept "
+                             "(env ZMQ_SINK_CURVE_CLIENTS)")
+    parser.add_argument("--make-keys", metavar="FOLDER", help="write a key pair for the sink and one for the load "
+                                                              "generators into FOLDER, and exit")
     return parser.parse_args()
 
 
 def main():
     args = parse_args()
+    if args.make_keys:
+        return make_keys(args.make_keys)
+    curve = load_curve(args.curve_secret, args.curve_clients)
     stopping = []
     # The handler only sets a flag: an exception raised inside a write could leave half a line.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -192,18 +298,37 @@ def main():
     pull = context.socket(zmq.PULL)
     pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     pull.setsockopt(zmq.RCVHWM, RCVHWM)
+    if curve:
+        public, secret, clients = curve
+        # Bound before the PULL socket is: libzmq lets every CURVE client in while no ZAP handler is bound.
+        zap = context.socket(zmq.REP)
+        zap.linger = 0
+        zap.bind("inproc://zeromq.zap.01")
+        threading.Thread(target=authenticate, args=(zap, clients), daemon=True).start()
+        pull.curve_server, pull.curve_publickey, pull.curve_secretkey = True, public, secret
     pull.bind(args.bind)
     endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
     out, mended = open_log(args.log_file)
-    print(f"sink: listening on {endpoint}, appending to {args.log_file}{mended}, checking records with "
+    access = (f"only CURVE clients with one of the {len(curve[2])} keys in {args.curve_clients}" if curve
+              else "anyone who can connect, unencrypted")
+    print(f"sink: listening on {endpoint} for {access}, appending to {args.log_file}{mended}, checking records with "
           f"{'simdjson' if simdjson else 'the json module'}", file=sys.stderr, flush=True)
 
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    monitor, reported = None, set()
+    if curve:
+        monitor = pull.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        poller.register(monitor, zmq.POLLIN)
     with out:
         sink = Sink(out)
         last_counts, last_time = sink.counts(), time.monotonic()
         while not stopping:
-            if pull.poll(100):
+            ready = dict(poller.poll(100))
+            if pull in ready:
                 sink.drain(pull, max_seconds=0.5)
+            if monitor in ready:
+                report_failed_handshakes(monitor, reported)
             now = time.monotonic()
             if now - last_time >= PROGRESS_EVERY:
                 if sink.counts() != last_counts:
@@ -213,6 +338,9 @@ def main():
                 last_counts, last_time = sink.counts(), now
         # What already arrived is written; the file is then closed holding whole lines only.
         sink.drain(pull, max_seconds=2.0)
+    if monitor is not None:
+        pull.disable_monitor()
+        monitor.close(linger=0)
     pull.close(linger=0)
     context.term()
     print(f"sink: stopped by {signal.Signals(stopping[0]).name}: {sink.summary()} to {args.log_file}",

@@ -28,6 +28,7 @@ import duckdb
 import psutil
 import pytest
 import zmq
+import zmq.auth
 
 REPO = Path(__file__).resolve().parent
 LOCUSTFILE = REPO / "locustfile.py"
@@ -108,7 +109,9 @@ def locust_processes(mark):
 
 
 def environment(tag, **settings):
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCUST_LOG_FILE", "ZMQ_SINK_ADDRESS", "HOST")}
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "LOCUST_LOG_FILE", "ZMQ_SINK_ADDRESS", "HOST", "ZMQ_SINK_CURVE_PUBLIC", "LOCUST_CURVE_SECRET",
+        "ZMQ_SINK_CURVE_SECRET", "ZMQ_SINK_CURVE_CLIENTS")}
     env.update(LOCUST_LOG_TEST_TAG=tag, PYTHONUNBUFFERED="1", **settings)
     return env
 
@@ -120,6 +123,26 @@ def without_accelerators(tmp_path_factory):
     for module in ("orjson", "simdjson"):
         (shadow / f"{module}.py").write_text(f"raise ImportError('{module} is hidden by the test')\n")
     return {"PYTHONPATH": str(shadow)}
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory):
+    """A sink's key pair and a load generator's, made as the README says, and a stranger's pair."""
+    folder = tmp_path_factory.mktemp("keys") / "keys"
+    made = subprocess.run([sys.executable, str(REPO / "sink.py"), "--make-keys", str(folder)], capture_output=True,
+                          text=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    zmq.auth.create_certificates(folder.parent, "stranger")
+    return folder
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "CURVE"])
+def curve(request, keys):
+    """Settings for the sink and for Locust: none, or CURVE keys on both sides."""
+    if not request.param:
+        return {}, {}
+    return ({"ZMQ_SINK_CURVE_SECRET": str(keys / "sink.key_secret"), "ZMQ_SINK_CURVE_CLIENTS": str(keys / "clients")},
+            {"ZMQ_SINK_CURVE_PUBLIC": str(keys / "sink.key"), "LOCUST_CURVE_SECRET": str(keys / "loadgen.key_secret")})
 
 
 class SinkProcess:
@@ -242,11 +265,12 @@ def the_run_id(records):
 
 # --- every Locust mode ------------------------------------------------------------------------
 
-def test_local_run_delivers_every_request(tmp_path, tag, target, sinks):
-    sink = sinks()
+def test_local_run_delivers_every_request(tmp_path, tag, target, sinks, curve):
+    sink = sinks(settings=curve[0])
     code, stderr, stats = run_locust(tmp_path, tag, target, settings={
-        "ZMQ_SINK_ADDRESS": sink.address, "LOCUST_RESOURCE_INTERVAL": "0"})
+        "ZMQ_SINK_ADDRESS": sink.address, "LOCUST_RESOURCE_INTERVAL": "0", **curve[1]})
     assert code == 0, stderr
+    assert ("for only CURVE clients with one of the 1 keys" in sink.stderr()) == bool(curve[0])
     sink.stop()
     records = read_records(sink.log_file)
     assert_same_counts(records, stats)
@@ -256,10 +280,10 @@ def test_local_run_delivers_every_request(tmp_path, tag, target, sinks):
     assert_complete(sink.log_file, processes=1)
 
 
-def test_processes_run_delivers_every_request_from_each_process(tmp_path, tag, target, sinks):
-    sink = sinks()
+def test_processes_run_delivers_every_request_from_each_process(tmp_path, tag, target, sinks, curve):
+    sink = sinks(settings=curve[0])
     code, stderr, stats = run_locust(tmp_path, tag, target, *two_processes(), settings={
-        "ZMQ_SINK_ADDRESS": sink.address, "LOCUST_LOG_FILE": str(tmp_path / "local.jsonl")})
+        "ZMQ_SINK_ADDRESS": sink.address, "LOCUST_LOG_FILE": str(tmp_path / "local.jsonl"), **curve[1]})
     assert code == 0, stderr
     assert not locust_processes(tag), "a forked Locust process outlived the run"
     sink.stop()
@@ -276,19 +300,20 @@ def test_processes_run_delivers_every_request_from_each_process(tmp_path, tag, t
     assert_complete(sink.log_file, processes=3)  # the master logs its end record
 
 
-def start_workers(tmp_path, tag, target, master_port, sink_address):
+def start_workers(tmp_path, tag, target, master_port, sink_address, settings=None):
     """Two `--worker` processes, labelled loadgen-1 and loadgen-2, pushing to the sink."""
     return [subprocess.Popen(locust_command(target, "--worker", "--master-host", "127.0.0.1", "--master-port",
                                             master_port),
-                             cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink_address, HOST=f"loadgen-{i}"),
+                             cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink_address, HOST=f"loadgen-{i}",
+                                                           **(settings or {})),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for i in (1, 2)]
 
 
-def test_master_and_workers_deliver_every_request(tmp_path, tag, target, sinks):
-    sink = sinks()
+def test_master_and_workers_deliver_every_request(tmp_path, tag, target, sinks, curve):
+    sink = sinks(settings=curve[0])
     port = str(free_port())
-    workers = start_workers(tmp_path, tag, target, port, sink.address)
+    workers = start_workers(tmp_path, tag, target, port, sink.address, settings=curve[1])
     try:
         # The master logs nothing of its own here, and still names the run for its workers.
         code, stderr, stats = run_locust(
@@ -311,14 +336,14 @@ def test_master_and_workers_deliver_every_request(tmp_path, tag, target, sinks):
     assert_complete(sink.log_file, processes=2)
 
 
-def test_web_ui_run_with_processes_delivers_every_request(tmp_path, tag, target, sinks):
-    sink = sinks()
+def test_web_ui_run_with_processes_delivers_every_request(tmp_path, tag, target, sinks, curve):
+    sink = sinks(settings=curve[0])
     stats_file = tmp_path / "ui-stats"
     command = locust_command(
         target, "--autostart", "--autoquit", "0", "-u", "4", "-r", "4", "-t", f"{RUN_TIME}s",
         "--web-host", "127.0.0.1", "--web-port", str(free_port()), *two_processes(), "--json-file", str(stats_file),
     )
-    result = subprocess.run(command, cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink.address),
+    result = subprocess.run(command, cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink.address, **curve[1]),
                             capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr
     assert "Starting web interface" in result.stderr
@@ -443,6 +468,130 @@ def test_two_sinks_each_get_part_and_the_report_merges_them(tmp_path, tag, targe
     merged = assert_complete(first.log_file, second.log_file, processes=3)
     assert merged["lines"]["duplicate"] == 0
     assert report_counts_of(merged["runs"][0]) == locust_counts(stats)
+
+
+# --- across untrusted networks: CURVE ---------------------------------------------------------
+
+class Relay:
+    """A TCP relay to the sink that keeps every byte it passes on, both ways: what the network would see."""
+
+    def __init__(self, to_address):
+        self.to = ("127.0.0.1", int(to_address.rsplit(":", 1)[1]))
+        self.seen = bytearray()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client = self.listener.accept()[0]
+            except OSError:
+                return  # closed
+            sink = socket.create_connection(self.to)
+            for source, destination in ((client, sink), (sink, client)):
+                threading.Thread(target=self._pump, args=(source, destination), daemon=True).start()
+
+    def _pump(self, source, destination):
+        with source, destination:
+            try:
+                while data := source.recv(65536):
+                    self.seen += data
+                    destination.sendall(data)
+            except OSError:
+                pass  # the other side went away
+
+    def close(self):
+        self.listener.close()
+
+
+def test_with_curve_nothing_readable_crosses_the_network(tmp_path, tag, target, sinks, curve):
+    sink = sinks(settings=curve[0])
+    relay = Relay(sink.address)
+    try:
+        code, stderr, stats = run_locust(tmp_path, tag, target, settings={
+            "ZMQ_SINK_ADDRESS": relay.address, "LOCUST_RESOURCE_INTERVAL": "0.5", **curve[1]})
+        assert code == 0, stderr
+        sink.stop()
+    finally:
+        relay.close()
+    records = read_records(sink.log_file)
+    assert_same_counts(records, stats)
+    texts = [b"/does-not-exist", b'"request_type"', b"Task started", b"cpu_percent", b'"seq"',
+             the_run_id(records).encode(), records[0]["worker"].encode()]
+    assert len(relay.seen) > sum(len(line) for line in sink.log_file.read_bytes().splitlines())
+    assert [text for text in texts if text in relay.seen] == ([] if curve[0] else texts)
+
+
+def test_a_load_generator_without_an_accepted_key_delivers_nothing_and_says_why(tmp_path, tag, target, sinks, keys):
+    sink = sinks(settings={"ZMQ_SINK_CURVE_SECRET": str(keys / "sink.key_secret"),
+                           "ZMQ_SINK_CURVE_CLIENTS": str(keys / "clients")})
+    to_sink = {"ZMQ_SINK_ADDRESS": sink.address, "ZMQ_SINK_CURVE_PUBLIC": str(keys / "sink.key"),
+               "ZMQ_SINK_FLUSH_TIMEOUT": "0.5"}
+    for name, settings in (("stranger", {**to_sink, "LOCUST_CURVE_SECRET": str(keys.parent / "stranger.key_secret")}),
+                           ("no keys", {"ZMQ_SINK_ADDRESS": sink.address, "ZMQ_SINK_FLUSH_TIMEOUT": "0.5"})):
+        code, stderr, _ = run_locust(tmp_path, tag, target, name=name.replace(" ", "-"), settings=settings)
+        assert code == 0, stderr
+        assert re.search(r"ZeroMQ sink tcp://127.0.0.1:\d+: (\d+) records not delivered \(0 dropped on a full queue of "
+                         r"100000, \1 still queued after 0.5s\); 0 sent: no sink completed a handshake with this "
+                         r"process \(none running there, or it refused this process's CURVE key", stderr), stderr
+        assert not sink.log_file.read_bytes(), name
+    # Refused at every retry, 10 a second for seconds, and printed once.
+    assert sink.stderr().count("sink: refused 127.0.0.1: its CURVE key is not in --curve-clients\n") == 1
+    code, stderr, stats = run_locust(tmp_path, tag, target, settings={
+        **to_sink, "LOCUST_CURVE_SECRET": str(keys / "loadgen.key_secret")})
+    assert code == 0, stderr
+    sink.stop()
+    assert_same_counts(read_records(sink.log_file), stats)
+
+
+def test_unusable_keys_stop_either_side_at_start_with_one_line(tmp_path, tag, target, keys):
+    not_a_key = tmp_path / "not_a.key"
+    not_a_key.write_text("hello\n")
+    (tmp_path / "empty").mkdir()
+    secret, clients = str(keys / "sink.key_secret"), str(keys / "clients")
+    for flags, expected in [
+        (["--curve-secret", secret], "sink: --curve-secret (ZMQ_SINK_CURVE_SECRET) and --curve-clients "
+                                     "(ZMQ_SINK_CURVE_CLIENTS) go together: set both, or neither"),
+        (["--curve-secret", str(tmp_path / "missing"), "--curve-clients", clients],
+         f"sink: --curve-secret {tmp_path / 'missing'}: no such file or folder; expected the sink's .key_secret file"),
+        (["--curve-secret", str(not_a_key), "--curve-clients", clients],
+         f"sink: --curve-secret {not_a_key}: No public key found in {not_a_key}; expected the sink's .key_secret"),
+        (["--curve-secret", str(keys / "sink.key"), "--curve-clients", clients],
+         f"sink: --curve-secret {keys / 'sink.key'}: holds no secret key"),
+        (["--curve-secret", secret, "--curve-clients", str(tmp_path / "empty")],
+         f"sink: --curve-clients {tmp_path / 'empty'}: holds no .key file, so no load generator could connect"),
+        (["--curve-secret", secret, "--curve-clients", str(tmp_path / "missing")],
+         f"sink: --curve-clients {tmp_path / 'missing'}: no such file or folder; expected a folder"),
+        (["--make-keys", str(keys)],
+         f"sink: --make-keys {keys}: {keys / 'sink.key'} exists; keys are never overwritten"),
+    ]:
+        result = subprocess.run([sys.executable, str(REPO / "sink.py"), "--bind", f"tcp://127.0.0.1:{free_port()}",
+                                 "--log-file", str(tmp_path / "never.jsonl"), *flags],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1 and result.stderr.startswith(expected), (flags, result.stderr)
+        assert result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "never.jsonl").exists()
+    assert {path.name: path.stat().st_mode & 0o777 for path in keys.glob("*.key_secret")} == {
+        "sink.key_secret": 0o600, "loadgen.key_secret": 0o600}
+
+    sink_public, secret = str(keys / "sink.key"), str(keys / "loadgen.key_secret")
+    for settings, expected in [
+        ({"LOCUST_CURVE_SECRET": secret}, "request_log: ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET go together"),
+        ({"ZMQ_SINK_CURVE_PUBLIC": str(tmp_path / "missing"), "LOCUST_CURVE_SECRET": secret},
+         f"request_log: ZMQ_SINK_CURVE_PUBLIC={tmp_path / 'missing'}: no such file; expected the sink's "
+         "public .key file"),
+        ({"ZMQ_SINK_CURVE_PUBLIC": sink_public, "LOCUST_CURVE_SECRET": str(not_a_key)},
+         f"request_log: LOCUST_CURVE_SECRET={not_a_key}: No public key found in {not_a_key}; expected this load "
+         "generator's .key_secret file"),
+        ({"ZMQ_SINK_CURVE_PUBLIC": sink_public, "LOCUST_CURVE_SECRET": str(keys / "clients" / "loadgen.key")},
+         f"request_log: LOCUST_CURVE_SECRET={keys / 'clients' / 'loadgen.key'}: holds no secret key"),
+    ]:
+        result = subprocess.run(locust_command(target, "--headless", "-t", "5s"), cwd=tmp_path, capture_output=True,
+                                text=True, timeout=60, env=environment(tag, ZMQ_SINK_ADDRESS="tcp://127.0.0.1:9",
+                                                                      **settings))
+        assert result.returncode == 1 and result.stderr.startswith(expected), (settings, result.stderr)
+        assert result.stderr.count("\n") <= 1 and "Traceback" not in result.stderr, result.stderr
 
 
 # --- an absent or late sink -------------------------------------------------------------------
