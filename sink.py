@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -36,9 +37,6 @@ from collections import Counter
 from pathlib import Path
 
 import zmq
-import zmq.auth
-from zmq.utils import z85
-from zmq.utils.monitor import recv_monitor_message
 
 try:
     import simdjson  # optional (pysimdjson): checks a record without building it, ~10x the json module's speed
@@ -190,6 +188,7 @@ def load_curve(secret_file, clients_folder):
     setting is missing or a file unusable: a sink must never run open when it was asked to run closed."""
     if not secret_file and not clients_folder:
         return None
+    import zmq.auth  # here, not at the top: report.py imports this file, and would carry it (+1 MB) for nothing
     if not (secret_file and clients_folder):
         sys.exit("sink: --curve-secret (ZMQ_SINK_CURVE_SECRET) and --curve-clients (ZMQ_SINK_CURVE_CLIENTS) go "
                  "together: set both, or neither")
@@ -219,6 +218,8 @@ def why_unusable(path, error):
 def authenticate(zap, clients):
     """Answers libzmq's ZAP requests (RFC 27) for the CURVE socket: a client whose public key is in `clients`
     is let in, any other refused; each refused address is printed once, not at every retry."""
+    from zmq.utils import z85
+
     refused = set()
     try:
         while True:
@@ -237,7 +238,8 @@ def authenticate(zap, clients):
 def report_failed_handshakes(monitor, reported):
     """Print each kind of handshake that failed before ZAP once (its client's address is not known)."""
     while monitor.poll(0):
-        code = recv_monitor_message(monitor)["value"]
+        # Frame 1: event (16 bits) and value (32), native order; zmq.utils.monitor would import asyncio, +8 MB.
+        _event, code = struct.unpack("=HI", monitor.recv_multipart()[0][:6])
         kind = FAILED_HANDSHAKES.get(code, f"a client whose handshake failed (ZeroMQ protocol error {code:#x})")
         if kind not in reported:
             reported.add(kind)
@@ -252,6 +254,8 @@ def make_keys(folder):
     for path in made:
         if path.exists():
             sys.exit(f"sink: --make-keys {folder}: {path} exists; keys are never overwritten")
+    import zmq.auth
+
     os.umask(0o077)  # secret keys readable by their owner only, from the moment they exist
     try:
         (folder / "clients").mkdir(parents=True, exist_ok=True)
