@@ -96,6 +96,9 @@ def load_curve_keys(sink_public_file, secret_file):
         return None
     if not (sink_public_file and secret_file):
         sys.exit("request_log: ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET go together: set both, or neither")
+    if not zmq.has("curve"):
+        sys.exit("request_log: ZMQ_SINK_CURVE_PUBLIC is set, but this pyzmq's libzmq has no CURVE: install "
+                 "pyzmq's wheel")
     keys = []
     for setting, path, wanted in (("ZMQ_SINK_CURVE_PUBLIC", sink_public_file, "the sink's public .key file"),
                                   ("LOCUST_CURVE_SECRET", secret_file, "this load generator's .key_secret file")):

@@ -192,6 +192,8 @@ def load_curve(secret_file, clients_folder):
     if not (secret_file and clients_folder):
         sys.exit("sink: --curve-secret (ZMQ_SINK_CURVE_SECRET) and --curve-clients (ZMQ_SINK_CURVE_CLIENTS) go "
                  "together: set both, or neither")
+    if not zmq.has("curve"):
+        sys.exit("sink: --curve-secret is set, but this pyzmq's libzmq has no CURVE: install pyzmq's wheel")
     try:
         public, secret = zmq.auth.load_certificate(secret_file)
     except (OSError, ValueError) as error:
