@@ -33,7 +33,7 @@ import struct
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import zmq
@@ -50,6 +50,7 @@ MAX_FRAME_BYTES = 64 << 20
 # what the sink buffers when it falls behind (ZeroMQ's default of 1000 let a test run reach 600 MB).
 RCVHWM = 10
 PROGRESS_EVERY = 2.0  # seconds
+RETRY_EVERY, STALLED_EVERY = 0.5, 5.0  # seconds: a file that refuses writes is tried again, and reported
 # Handshakes that fail before ZAP is asked. libzmq names only our own endpoint for them, not the client's.
 FAILED_HANDSHAKES = {zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "a client without CURVE keys",
                      zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "a client that encrypts to another sink's public key"}
@@ -120,13 +121,6 @@ def why_rejected(frame, lines):
     return None
 
 
-def write_whole(out, data):
-    """Write all of data to an unbuffered file, where one write may take only part (a signal, a full disk)."""
-    view = memoryview(data)
-    while view:
-        view = view[out.write(view):]
-
-
 def open_log(path):
     """Open the file to append to, unbuffered; end a line that a killed sink left incomplete. Returns the file
     and what was done to it, for the start line."""
@@ -142,11 +136,15 @@ def open_log(path):
 class Sink:
     """Receives frames, appends the valid ones to the file and counts the rest."""
 
-    def __init__(self, out):
-        self.out = out
+    def __init__(self, out, name):
+        self.out, self.name = out, name
         self.written = 0
         self.rejected = Counter()
         self.first_arrival = self.last_arrival = None
+        # Valid frames the file has not taken yet, as (bytes left, records): while there are any, the sink is
+        # stalled and takes nothing more from ZeroMQ, so the load generators keep what follows, counted.
+        self.held = deque()
+        self.stalled_since = None
 
     def take(self, frames):
         self.last_arrival = time.monotonic()
@@ -156,17 +154,44 @@ class Sink:
             lines = record_lines(frame)
             reason = why_rejected(frame, lines)
             if reason is None:
-                write_whole(self.out, frame if frame.endswith(b"\n") else frame + b"\n")
-                self.written += len(lines)
+                self.held.append((memoryview(frame if frame.endswith(b"\n") else frame + b"\n"), len(lines)))
             else:
                 if not self.rejected[reason]:
                     print(f"sink: rejected a frame ({reason}): {frame[:80]!r}", file=sys.stderr)
                 self.rejected[reason] += 1
+        self.write_held()
+
+    def write_held(self):
+        """Write the held frames in order, each in one write when the file takes it whole. On a write error
+        (disk full, a file size limit, a read-only or failing file system) keep the rest, to the byte, so that
+        once writing works again no line is left cut short. True when nothing is held."""
+        while self.held:
+            data, records = self.held[0]
+            try:
+                while data:
+                    data = data[self.out.write(data):]
+            except OSError as error:
+                self.held[0] = (data, records)
+                if self.stalled_since is None:
+                    self.stalled_since = time.monotonic()
+                    print(f"sink: cannot write to {self.name}: {error.strerror}; holding {self.held_records()} "
+                          f"records and taking no more until it can", file=sys.stderr, flush=True)
+                return False
+            self.held.popleft()
+            self.written += records
+        if self.stalled_since is not None:
+            print(f"sink: writing to {self.name} again after {time.monotonic() - self.stalled_since:.1f}s",
+                  file=sys.stderr, flush=True)
+            self.stalled_since = None
+        return True
+
+    def held_records(self):
+        return sum(records for _, records in self.held)
 
     def drain(self, socket, max_seconds):
-        """Take every message already waiting, for at most max_seconds."""
+        """Take every message already waiting, for at most max_seconds, unless the file refuses writes."""
         deadline = time.monotonic() + max_seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.held:
             try:
                 self.take(socket.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
@@ -180,7 +205,9 @@ class Sink:
         rate = self.written / seconds if seconds > 0 else 0.0
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.rejected.items()))
         return (f"{self.written} records written in {seconds:.1f}s ({rate:.0f}/s), "
-                f"{sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else ""))
+                f"{sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else "")
+                + (f", {self.held_records()} records received but not written: the file refused them" if self.held
+                   else ""))
 
 
 def load_curve(secret_file, clients_folder):
@@ -327,9 +354,17 @@ def main():
         monitor = pull.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         poller.register(monitor, zmq.POLLIN)
     with out:
-        sink = Sink(out)
-        last_counts, last_time = sink.counts(), time.monotonic()
+        sink = Sink(out, args.log_file)
+        last_counts, last_time, last_stalled_line = sink.counts(), time.monotonic(), 0.0
         while not stopping:
+            if sink.held:  # stalled: the file refuses writes
+                time.sleep(RETRY_EVERY)
+                now = time.monotonic()
+                if not sink.write_held() and now - max(sink.stalled_since, last_stalled_line) >= STALLED_EVERY:
+                    print(f"sink: still cannot write to {args.log_file} after {now - sink.stalled_since:.0f}s; "
+                          f"holding {sink.held_records()} records", file=sys.stderr, flush=True)
+                    last_stalled_line = now
+                continue
             ready = dict(poller.poll(100))
             if pull in ready:
                 sink.drain(pull, max_seconds=0.5)
@@ -342,8 +377,10 @@ def main():
                     print(f"sink: {sink.written} records (+{new / (now - last_time):.0f}/s), "
                           f"{sink.counts()[1]} frames rejected", file=sys.stderr, flush=True)
                 last_counts, last_time = sink.counts(), now
-        # What already arrived is written; the file is then closed holding whole lines only.
+        # What already arrived is written; the file is then closed holding whole lines only, unless it
+        # refuses writes, which the summary then counts.
         sink.drain(pull, max_seconds=2.0)
+        sink.write_held()
     if monitor is not None:
         pull.disable_monitor()
         monitor.close(linger=0)

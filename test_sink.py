@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -146,14 +147,18 @@ def curve(request, keys):
 
 
 class SinkProcess:
-    def __init__(self, tmp_path, tag, address=None, name="sink", settings=None):
+    def __init__(self, tmp_path, tag, address=None, name="sink", settings=None, file_size_limit=None):
         self.address = address or f"tcp://127.0.0.1:{free_port()}"
         self.log_file = tmp_path / f"{name}.jsonl"
         self.stderr_path = tmp_path / f"{name}.err"
+        # A full disk without root: past RLIMIT_FSIZE a write fails with EFBIG (Python ignores SIGXFSZ).
+        # Only the soft limit: raising a hard one, even the test's own child's, needs CAP_SYS_RESOURCE.
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
+                 if file_size_limit else None)
         with open(self.stderr_path, "w") as stderr:
             self.proc = subprocess.Popen(
                 [sys.executable, str(REPO / "sink.py"), "--bind", self.address, "--log-file", str(self.log_file)],
-                stderr=stderr, env=environment(tag, **(settings or {})),
+                stderr=stderr, env=environment(tag, **(settings or {})), preexec_fn=limit,
             )
         wait_for(lambda: "listening on" in self.stderr(), what="the sink to bind")
 
@@ -905,6 +910,50 @@ def test_sink_appends_never_truncates_and_ends_a_line_cut_short(tmp_path, tag, s
         wait_for(lambda: third.log_file.read_bytes().endswith(b"\n{\"run\": 4}\n"), what="the fourth record")
     assert "1 records written" in third.stop()
     assert third.log_file.read_bytes() == b'{"run": 1}\n{"run": 2}\n{"run": 3, "cut sh\n{"run": 4}\n'
+
+
+def test_a_full_disk_stalls_the_sink_and_loses_nothing(tmp_path, tag, target, sinks):
+    sink = sinks(file_size_limit=20_000)
+    command = locust_command(target, "--headless", "-u", "4", "-r", "4", "-t", "12s", "--json-file",
+                             str(tmp_path / "stats"))
+    locust = subprocess.Popen(command, cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink.address),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "sink: still cannot write to" in sink.stderr(), what="the sink to stall and say so again")
+        assert sink.log_file.stat().st_size <= 20_000 and not sink.log_file.read_bytes().endswith(b"\n")
+        resource.prlimit(sink.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        wait_for(lambda: "sink: writing to" in sink.stderr(), what="the sink to write again")
+        _, stderr = locust.communicate(timeout=90)
+    finally:
+        locust.kill()
+        locust.wait()
+    assert locust.returncode == 0, stderr
+    assert "not delivered" not in stderr, "the load generator held the records while the sink could not write"
+    summary = sink.stop()
+    assert re.search(r"sink: cannot write to \S+: File too large; holding \d+ records and taking no more until it "
+                     r"can\n", summary), summary
+    assert re.search(r"sink: writing to \S+ again after [\d.]+s\n", summary)
+    records = read_records(sink.log_file)  # the record cut short at the limit was finished: every line whole
+    assert len({(r["worker"], r["seq"]) for r in records}) == len(records), "each record once"
+    assert_same_counts(records, json.loads((tmp_path / "stats.json").read_text()))
+    assert_complete(sink.log_file, processes=1)
+
+
+def test_sigterm_while_stalled_says_what_it_could_not_write(tmp_path, tag, sinks):
+    sink = sinks(file_size_limit=10_000)
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.connect(sink.address)
+        for n in range(100):
+            push.send(json.dumps({"n": n, "pad": "x" * 200}).encode())
+        wait_for(lambda: "sink: cannot write to" in sink.stderr(), what="the sink to stall")
+        summary = sink.stop()
+        push.close(linger=0)
+    written, held = map(int, re.search(r"(\d+) records written in .*, (\d+) records received but not written: the "
+                                       r"file refused them", summary).groups())
+    lines = sink.log_file.read_bytes().split(b"\n")
+    assert written == len(lines) - 1 and held > 0 and written + held <= 100
+    assert [json.loads(line)["n"] for line in lines[:-1]] == list(range(written))
+    assert lines[-1] and b'"n": %d' % written in lines[-1], "the record cut short is the first one held"
 
 
 # --- runs and resource samples ----------------------------------------------------------------
