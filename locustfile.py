@@ -3,17 +3,19 @@ Log every Locust request as one JSON line: to a local file, and over ZeroMQ to `
 
 Usage::
 
-    python sink.py --log-file requests.jsonl                  # on the collecting machine
-    ZMQ_SINK_ADDRESS=tcp://10.0.0.5:5555 LOCUST_LOG_FILE=local.jsonl \\
-        locust -f locustfile.py --processes 4                 # on each load generator
-    python report.py requests.jsonl                           # is every record there? the percentiles
+    python sink.py                  # listens on tcp://*:5555, appends to requests.jsonl
+    locust -f locustfile.py         # pushes every record to tcp://127.0.0.1:5555
+    python report.py requests.jsonl # is every record there? the percentiles
+
+Across machines, set ZMQ_SINK_ADDRESS=tcp://10.0.0.5:5555 on each load generator; ZMQ_SINK_ADDRESS= (empty)
+turns pushing off.
 
 Settings (environment variables):
 
 ``LOCUST_LOG_FILE``           local JSON-lines file; unset: none. A worker process writes
                               ``<name>.<worker>.jsonl`` instead, so no two processes share a file.
-``ZMQ_SINK_ADDRESS``          where ``sink.py`` listens, e.g. ``tcp://10.0.0.5:5555``; unset: no pushing. Several
-                              sinks, comma-separated: ZeroMQ spreads the frames among those connected.
+``ZMQ_SINK_ADDRESS``          where ``sink.py`` listens (``tcp://127.0.0.1:5555``, its default); empty: no pushing.
+                              Several sinks, comma-separated: ZeroMQ spreads the frames among those connected.
 ``ZMQ_SINK_QUEUE``            records a process holds while the sink is unreachable or slow (100000).
 ``ZMQ_SINK_FLUSH_TIMEOUT``    seconds a process spends delivering its queue when it quits (2).
 ``ZMQ_SINK_CURVE_PUBLIC``     with CURVE: the sink's public ``.key`` file (``python sink.py --make-keys``).
@@ -53,6 +55,7 @@ and pyzmq, and uses orjson, if installed, to encode ~10 times faster.
 import argparse
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -73,15 +76,66 @@ try:
 except ImportError:
     orjson = None
 
-LOG_FILE = os.environ.get("LOCUST_LOG_FILE")
-SINK_ADDRESSES = [address.strip() for address in os.environ.get("ZMQ_SINK_ADDRESS", "").split(",")
-                  if address.strip()]
-QUEUE_LIMIT = int(os.environ.get("ZMQ_SINK_QUEUE", "100000"))
-FLUSH_TIMEOUT = float(os.environ.get("ZMQ_SINK_FLUSH_TIMEOUT", "2"))
+DEFAULT_SINK_ADDRESS = "tcp://127.0.0.1:5555"  # where `python sink.py` listens when given no address
+
+
+def setting(name, default, parse, expected):
+    """The environment variable through `parse`, or Locust stops here with one line: a test must not run
+    without the logging that was asked for."""
+    value = os.environ.get(name, default)
+    try:
+        return parse(value)
+    except ValueError as error:
+        sys.exit(f"request_log: {name}={value!r}: {f'{error}; ' if str(error) else ''}expected {expected}")
+
+
+def whole_number(text):
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError()
+    return int(text)
+
+
+def seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # Python's message about it would be noise beside ours
+    if not 0 <= value < math.inf:
+        raise ValueError()
+    return value
+
+
+def sink_addresses(text):
+    addresses = [address.strip() for address in text.split(",") if address.strip()]
+    # libzmq is the judge of an address. The context is gone again before `--processes` forks.
+    with zmq.Context() as context, context.socket(zmq.PUSH) as probe:
+        for address in addresses:
+            try:
+                probe.connect(address)
+            except zmq.ZMQError as error:
+                raise ValueError(f"{address!r} is not a ZeroMQ address ({error})") from None
+    return addresses
+
+
+def log_file(text):
+    if text and not Path(text).parent.is_dir():
+        raise ValueError(f"there is no folder {Path(text).parent}")
+    if text and Path(text).is_dir():
+        raise ValueError("that is a folder")
+    if text and not os.access(Path(text).parent, os.W_OK):
+        raise ValueError("this user cannot write there")
+    return text or None
+
+
+LOG_FILE = setting("LOCUST_LOG_FILE", "", log_file, "a file in a folder this user can write to")
+SINK_ADDRESSES = setting("ZMQ_SINK_ADDRESS", DEFAULT_SINK_ADDRESS, sink_addresses,
+                         "addresses such as tcp://10.0.0.5:5555, comma-separated; empty: no pushing")
+QUEUE_LIMIT = setting("ZMQ_SINK_QUEUE", "100000", whole_number, "a whole number of records, 1 or more")
+FLUSH_TIMEOUT = setting("ZMQ_SINK_FLUSH_TIMEOUT", "2", seconds, "seconds, 0 or more")
 HOSTNAME = os.environ.get("HOST") or socket.gethostname()
 SINK_CURVE_PUBLIC = os.environ.get("ZMQ_SINK_CURVE_PUBLIC")
 CURVE_SECRET = os.environ.get("LOCUST_CURVE_SECRET")
-RESOURCE_INTERVAL = float(os.environ.get("LOCUST_RESOURCE_INTERVAL", "2"))
+RESOURCE_INTERVAL = setting("LOCUST_RESOURCE_INTERVAL", "2", seconds, "seconds between samples, 0 or more (0: none)")
 
 # Records go to our own handlers only; propagating would print every request on Locust's console.
 logger = logging.getLogger("request_log")
@@ -303,8 +357,12 @@ class ZmqPushHandler(LinesHandler):
                     "%d still queued after %.1fs); %d sent%s",
                     self.address, undelivered, self.dropped, self.queue_limit, self.queued,
                     self.flush_timeout, self.sent,
-                    "" if self.sent else ": no sink completed a handshake with this process (none running there, "
-                    "or it refused this process's CURVE key, or its lack of one)",
+                    "" if self.sent else
+                    f": no sink was reached at {DEFAULT_SINK_ADDRESS}, the default address; start one there with "
+                    "`python sink.py`, or set ZMQ_SINK_ADDRESS= (empty) to turn pushing off"
+                    if self.address == DEFAULT_SINK_ADDRESS else
+                    ": no sink completed a handshake with this process (none running there, or it refused this "
+                    "process's CURVE key, or its lack of one)",
                 )
             elif self.sent:
                 report.info("ZeroMQ sink %s: %d records sent", self.address, self.sent)

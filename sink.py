@@ -339,9 +339,17 @@ def main():
         zap.bind("inproc://zeromq.zap.01")
         threading.Thread(target=authenticate, args=(zap, clients), daemon=True).start()
         pull.curve_server, pull.curve_publickey, pull.curve_secretkey = True, public, secret
-    pull.bind(args.bind)
+    try:
+        pull.bind(args.bind)
+    except zmq.ZMQError as error:
+        sys.exit(f"sink: --bind {args.bind} (ZMQ_SINK_BIND): {error}; expected a free address to listen on, such as "
+                 "tcp://*:5555")
     endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
-    out, mended = open_log(args.log_file)
+    try:
+        out, mended = open_log(args.log_file)
+    except OSError as error:
+        sys.exit(f"sink: --log-file {args.log_file} (ZMQ_SINK_LOG_FILE): {error.strerror}; expected a file it can "
+                 "append to, in a folder that exists")
     access = (f"only CURVE clients with one of the {len(curve[2])} keys in {args.curve_clients}" if curve
               else "anyone who can connect, unencrypted")
     print(f"sink: listening on {endpoint} for {access}, appending to {args.log_file}{mended}, checking records with "

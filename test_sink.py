@@ -113,8 +113,9 @@ def environment(tag, **settings):
     env = {k: v for k, v in os.environ.items() if k not in (
         "LOCUST_LOG_FILE", "ZMQ_SINK_ADDRESS", "HOST", "ZMQ_SINK_CURVE_PUBLIC", "LOCUST_CURVE_SECRET",
         "ZMQ_SINK_CURVE_SECRET", "ZMQ_SINK_CURVE_CLIENTS")}
-    env.update(LOCUST_LOG_TEST_TAG=tag, PYTHONUNBUFFERED="1", **settings)
-    return env
+    # No pushing unless a test asks: the default address may be a real sink's, running on this machine.
+    env.update({"LOCUST_LOG_TEST_TAG": tag, "PYTHONUNBUFFERED": "1", "ZMQ_SINK_ADDRESS": "", **settings})
+    return {name: value for name, value in env.items() if value is not None}  # None: unset
 
 
 @pytest.fixture(scope="session")
@@ -475,6 +476,29 @@ def test_two_sinks_each_get_part_and_the_report_merges_them(tmp_path, tag, targe
     assert report_counts_of(merged["runs"][0]) == locust_counts(stats)
 
 
+def test_the_two_commands_work_as_a_pair_with_no_settings(tmp_path, tag, target):
+    # Nothing listens at the default address yet: the run says so, and how to start a sink or stop pushing.
+    code, stderr, _ = run_locust(tmp_path, tag, target, name="alone", settings={
+        "ZMQ_SINK_ADDRESS": None, "ZMQ_SINK_FLUSH_TIMEOUT": "0.2"})
+    assert code == 0, stderr
+    assert ("0 sent: no sink was reached at tcp://127.0.0.1:5555, the default address; start one there with "
+            "`python sink.py`, or set ZMQ_SINK_ADDRESS= (empty) to turn pushing off") in stderr
+    with open(tmp_path / "sink.err", "w") as sink_stderr:
+        sink = subprocess.Popen([sys.executable, str(REPO / "sink.py")], cwd=tmp_path, stderr=sink_stderr,
+                                env=environment(tag))
+    try:
+        wait_for(lambda: "listening on tcp://0.0.0.0:5555" in (tmp_path / "sink.err").read_text(), what="the sink")
+        code, stderr, stats = run_locust(tmp_path, tag, target, settings={"ZMQ_SINK_ADDRESS": None})
+        assert code == 0, stderr
+        sink.send_signal(signal.SIGTERM)
+        assert sink.wait(timeout=30) == 0
+    finally:
+        sink.kill()
+        sink.wait()
+    assert_same_counts(read_records(tmp_path / "requests.jsonl"), stats)
+    assert_complete(tmp_path / "requests.jsonl", processes=1)
+
+
 # --- across untrusted networks: CURVE ---------------------------------------------------------
 
 class Relay:
@@ -550,12 +574,19 @@ def test_a_load_generator_without_an_accepted_key_delivers_nothing_and_says_why(
     assert_same_counts(read_records(sink.log_file), stats)
 
 
-def test_unusable_keys_stop_either_side_at_start_with_one_line(tmp_path, tag, target, keys):
+def test_bad_settings_and_unusable_keys_stop_either_side_at_start_with_one_line(tmp_path, tag, target, keys):
     not_a_key = tmp_path / "not_a.key"
     not_a_key.write_text("hello\n")
     (tmp_path / "empty").mkdir()
     secret, clients = str(keys / "sink.key_secret"), str(keys / "clients")
+    busy = socket.create_server(("127.0.0.1", 0))
+    busy_address = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
     for flags, expected in [
+        (["--bind", busy_address], f"sink: --bind {busy_address} (ZMQ_SINK_BIND): Address already in use"),
+        (["--bind", "garbage"], "sink: --bind garbage (ZMQ_SINK_BIND): Invalid argument"),
+        (["--log-file", str(tmp_path / "missing" / "x.jsonl")],
+         f"sink: --log-file {tmp_path / 'missing' / 'x.jsonl'} (ZMQ_SINK_LOG_FILE): No such file or directory; "
+         "expected a file it can append to, in a folder that exists"),
         (["--curve-secret", secret], "sink: --curve-secret (ZMQ_SINK_CURVE_SECRET) and --curve-clients "
                                      "(ZMQ_SINK_CURVE_CLIENTS) go together: set both, or neither"),
         (["--curve-secret", str(tmp_path / "missing"), "--curve-clients", clients],
@@ -576,12 +607,30 @@ def test_unusable_keys_stop_either_side_at_start_with_one_line(tmp_path, tag, ta
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 1 and result.stderr.startswith(expected), (flags, result.stderr)
         assert result.stderr.count("\n") == 1, result.stderr
+    busy.close()
     assert not (tmp_path / "never.jsonl").exists()
     assert {path.name: path.stat().st_mode & 0o777 for path in keys.glob("*.key_secret")} == {
         "sink.key_secret": 0o600, "loadgen.key_secret": 0o600}
 
     sink_public, secret = str(keys / "sink.key"), str(keys / "loadgen.key_secret")
     for settings, expected in [
+        ({"ZMQ_SINK_ADDRESS": "garbage"}, "request_log: ZMQ_SINK_ADDRESS='garbage': 'garbage' is not a ZeroMQ "
+                                          "address (Invalid argument (addr='garbage')); expected addresses such as "
+                                          "tcp://10.0.0.5:5555, comma-separated; empty: no pushing"),
+        ({"ZMQ_SINK_ADDRESS": "tcp://127.0.0.1:9, tcp://no-port"},
+         "request_log: ZMQ_SINK_ADDRESS='tcp://127.0.0.1:9, tcp://no-port': 'tcp://no-port' is not a ZeroMQ address"),
+        ({"ZMQ_SINK_QUEUE": "abc"}, "request_log: ZMQ_SINK_QUEUE='abc': expected a whole number of records, 1 or more"),
+        ({"ZMQ_SINK_QUEUE": "0"}, "request_log: ZMQ_SINK_QUEUE='0': expected a whole number of records, 1 or more"),
+        ({"ZMQ_SINK_FLUSH_TIMEOUT": "soon"}, "request_log: ZMQ_SINK_FLUSH_TIMEOUT='soon': expected seconds, 0 or more"),
+        ({"ZMQ_SINK_FLUSH_TIMEOUT": "-1"}, "request_log: ZMQ_SINK_FLUSH_TIMEOUT='-1': expected seconds, 0 or more"),
+        ({"LOCUST_RESOURCE_INTERVAL": "-1"},
+         "request_log: LOCUST_RESOURCE_INTERVAL='-1': expected seconds between samples, 0 or more (0: none)"),
+        ({"LOCUST_RESOURCE_INTERVAL": "inf"},
+         "request_log: LOCUST_RESOURCE_INTERVAL='inf': expected seconds between samples, 0 or more (0: none)"),
+        ({"LOCUST_LOG_FILE": str(tmp_path / "missing" / "x.jsonl")},
+         f"request_log: LOCUST_LOG_FILE='{tmp_path / 'missing' / 'x.jsonl'}': there is no folder "
+         f"{tmp_path / 'missing'}"),
+        ({"LOCUST_LOG_FILE": str(tmp_path)}, f"request_log: LOCUST_LOG_FILE='{tmp_path}': that is a folder"),
         ({"LOCUST_CURVE_SECRET": secret}, "request_log: ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET go together"),
         ({"ZMQ_SINK_CURVE_PUBLIC": str(tmp_path / "missing"), "LOCUST_CURVE_SECRET": secret},
          f"request_log: ZMQ_SINK_CURVE_PUBLIC={tmp_path / 'missing'}: no such file; expected the sink's "
@@ -593,8 +642,8 @@ def test_unusable_keys_stop_either_side_at_start_with_one_line(tmp_path, tag, ta
          f"request_log: LOCUST_CURVE_SECRET={keys / 'clients' / 'loadgen.key'}: holds no secret key"),
     ]:
         result = subprocess.run(locust_command(target, "--headless", "-t", "5s"), cwd=tmp_path, capture_output=True,
-                                text=True, timeout=60, env=environment(tag, ZMQ_SINK_ADDRESS="tcp://127.0.0.1:9",
-                                                                      **settings))
+                                text=True, timeout=60,
+                                env=environment(tag, **{"ZMQ_SINK_ADDRESS": "tcp://127.0.0.1:9", **settings}))
         assert result.returncode == 1 and result.stderr.startswith(expected), (settings, result.stderr)
         assert result.stderr.count("\n") <= 1 and "Traceback" not in result.stderr, result.stderr
 
