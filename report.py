@@ -348,14 +348,17 @@ def print_run(run):
     else:
         print(f"Run {run_id}: no requests")
     width = max([len(row["name"]) for row in run["names"]] + [len("Aggregated")])
-    print(f"{'Type':<6} {'Name':<{width}} " + " ".join(f"{column:>9}" for column in (
-        "requests", "failures", "req/s", *(f"p{p}" for p in PERCENTILES), "max")) + "   (response times in ms)")
+    print(table_row("Type", "Name", width, ["requests", "failures", "req/s", *(f"p{p}" for p in PERCENTILES), "max"])
+          + "   (response times in ms)")
     for row in run["names"] + ([{"request_type": "", "name": "Aggregated", **run["total"]}] if run["total"] else []):
         rate = f"{row['requests_per_second']:.1f}" if row["requests_per_second"] else "-"
         times = [f"{row[f'p{p}']:.2f}" for p in PERCENTILES] + [f"{row['max']:.2f}"]
-        print(f"{row['request_type']:<6} {row['name']:<{width}} "
-              + " ".join(f"{column:>9}" for column in (row["requests"], row["failures"], rate, *times)))
+        print(table_row(row["request_type"], row["name"], width, [row["requests"], row["failures"], rate, *times]))
     print()
+
+
+def table_row(request_type, name, width, columns):
+    return f"{request_type:<6} {name:<{width}} " + " ".join(f"{column:>9}" for column in columns)
 
 
 def print_workers(workers):
