@@ -117,6 +117,23 @@ def sink_addresses(text):
     return addresses
 
 
+def key_file(holds_secret):
+    """A parser for a pyzmq certificate file, giving (public key, secret key or None); empty: None."""
+    def parse(path):
+        if not path:
+            return None
+        if not zmq.has("curve"):
+            raise ValueError("this pyzmq's libzmq has no CURVE: install pyzmq's wheel")
+        try:
+            public, secret = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as error:  # pyzmq says "invalid" for a file that does not exist
+            raise ValueError("no such file" if not os.path.exists(path) else getattr(error, "strerror", None) or error)
+        if holds_secret and secret is None:
+            raise ValueError("holds no secret key, only a public one")
+        return public, secret
+    return parse
+
+
 def log_file(text):
     if text and not Path(text).parent.is_dir():
         raise ValueError(f"there is no folder {Path(text).parent}")
@@ -133,42 +150,19 @@ SINK_ADDRESSES = setting("ZMQ_SINK_ADDRESS", DEFAULT_SINK_ADDRESS, sink_addresse
 QUEUE_LIMIT = setting("ZMQ_SINK_QUEUE", "100000", whole_number, "a whole number of records, 1 or more")
 FLUSH_TIMEOUT = setting("ZMQ_SINK_FLUSH_TIMEOUT", "2", seconds, "seconds, 0 or more")
 HOSTNAME = os.environ.get("HOST") or socket.gethostname()
-SINK_CURVE_PUBLIC = os.environ.get("ZMQ_SINK_CURVE_PUBLIC")
-CURVE_SECRET = os.environ.get("LOCUST_CURVE_SECRET")
+SINK_CERTIFICATE = setting("ZMQ_SINK_CURVE_PUBLIC", "", key_file(holds_secret=False), "the sink's public .key file")
+OWN_CERTIFICATE = setting("LOCUST_CURVE_SECRET", "", key_file(holds_secret=True),
+                          "this load generator's .key_secret file")
+if bool(SINK_CERTIFICATE) != bool(OWN_CERTIFICATE):
+    sys.exit("request_log: ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET go together: set both, or neither")
+# What a CURVE client's socket needs: the sink's public key, then ours and our secret one.
+CURVE_KEYS = (SINK_CERTIFICATE[0], *OWN_CERTIFICATE) if OWN_CERTIFICATE else None
 RESOURCE_INTERVAL = setting("LOCUST_RESOURCE_INTERVAL", "2", seconds, "seconds between samples, 0 or more (0: none)")
 
 # Records go to our own handlers only; propagating would print every request on Locust's console.
 logger = logging.getLogger("request_log")
 logger.setLevel(logging.INFO)
 logger.propagate = False
-
-
-def load_curve_keys(sink_public_file, secret_file):
-    """(the sink's public key, ours, our secret key) from pyzmq certificate files, or None when neither is set.
-    A setting that cannot be used stops Locust with one line: running unencrypted was not what was asked."""
-    if not sink_public_file and not secret_file:
-        return None
-    if not (sink_public_file and secret_file):
-        sys.exit("request_log: ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET go together: set both, or neither")
-    if not zmq.has("curve"):
-        sys.exit("request_log: ZMQ_SINK_CURVE_PUBLIC is set, but this pyzmq's libzmq has no CURVE: install "
-                 "pyzmq's wheel")
-    keys = []
-    for setting, path, wanted in (("ZMQ_SINK_CURVE_PUBLIC", sink_public_file, "the sink's public .key file"),
-                                  ("LOCUST_CURVE_SECRET", secret_file, "this load generator's .key_secret file")):
-        try:
-            keys.append(zmq.auth.load_certificate(path))
-        except (OSError, ValueError) as error:
-            reason = "no such file" if not os.path.exists(path) else getattr(error, "strerror", None) or error
-            sys.exit(f"request_log: {setting}={path}: {reason}; expected {wanted}")
-    (sink_public, _), (public, secret) = keys
-    if secret is None:
-        sys.exit(f"request_log: LOCUST_CURVE_SECRET={secret_file}: holds no secret key; expected this load "
-                 "generator's .key_secret file, not a public .key")
-    return sink_public, public, secret
-
-
-CURVE_KEYS = load_curve_keys(SINK_CURVE_PUBLIC, CURVE_SECRET)  # read now: a bad file stops Locust before any test
 
 
 # default=str turns exceptions, bytes and custom context objects into text; NaN is not JSON. Compact
@@ -336,6 +330,13 @@ class ZmqPushHandler(LinesHandler):
             self.queued -= count
             self.sent += count
 
+    def why_nothing_was_sent(self):
+        if self.address == DEFAULT_SINK_ADDRESS:
+            return (f": no sink was reached at {DEFAULT_SINK_ADDRESS}, the default address; start one there with "
+                    "`python sink.py`, or set ZMQ_SINK_ADDRESS= (empty) to turn pushing off")
+        return (": no sink completed a handshake with this process (none running there, or it refused this "
+                "process's CURVE key, or its lack of one)")
+
     def close(self):
         """Deliver what is queued, waiting at most flush_timeout seconds, and report what was not."""
         if self.socket is not None:
@@ -356,13 +357,7 @@ class ZmqPushHandler(LinesHandler):
                     "ZeroMQ sink %s: %d records not delivered (%d dropped on a full queue of %d, "
                     "%d still queued after %.1fs); %d sent%s",
                     self.address, undelivered, self.dropped, self.queue_limit, self.queued,
-                    self.flush_timeout, self.sent,
-                    "" if self.sent else
-                    f": no sink was reached at {DEFAULT_SINK_ADDRESS}, the default address; start one there with "
-                    "`python sink.py`, or set ZMQ_SINK_ADDRESS= (empty) to turn pushing off"
-                    if self.address == DEFAULT_SINK_ADDRESS else
-                    ": no sink completed a handshake with this process (none running there, or it refused this "
-                    "process's CURVE key, or its lack of one)",
+                    self.flush_timeout, self.sent, "" if self.sent else self.why_nothing_was_sent(),
                 )
             elif self.sent:
                 report.info("ZeroMQ sink %s: %d records sent", self.address, self.sent)

@@ -633,13 +633,14 @@ def test_bad_settings_and_unusable_keys_stop_either_side_at_start_with_one_line(
         ({"LOCUST_LOG_FILE": str(tmp_path)}, f"request_log: LOCUST_LOG_FILE='{tmp_path}': that is a folder"),
         ({"LOCUST_CURVE_SECRET": secret}, "request_log: ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET go together"),
         ({"ZMQ_SINK_CURVE_PUBLIC": str(tmp_path / "missing"), "LOCUST_CURVE_SECRET": secret},
-         f"request_log: ZMQ_SINK_CURVE_PUBLIC={tmp_path / 'missing'}: no such file; expected the sink's "
+         f"request_log: ZMQ_SINK_CURVE_PUBLIC='{tmp_path / 'missing'}': no such file; expected the sink's "
          "public .key file"),
         ({"ZMQ_SINK_CURVE_PUBLIC": sink_public, "LOCUST_CURVE_SECRET": str(not_a_key)},
-         f"request_log: LOCUST_CURVE_SECRET={not_a_key}: No public key found in {not_a_key}; expected this load "
+         f"request_log: LOCUST_CURVE_SECRET='{not_a_key}': No public key found in {not_a_key}; expected this load "
          "generator's .key_secret file"),
         ({"ZMQ_SINK_CURVE_PUBLIC": sink_public, "LOCUST_CURVE_SECRET": str(keys / "clients" / "loadgen.key")},
-         f"request_log: LOCUST_CURVE_SECRET={keys / 'clients' / 'loadgen.key'}: holds no secret key"),
+         f"request_log: LOCUST_CURVE_SECRET='{keys / 'clients' / 'loadgen.key'}': holds no secret key, only a "
+         "public one; expected this load generator's .key_secret file"),
     ]:
         result = subprocess.run(locust_command(target, "--headless", "-t", "5s"), cwd=tmp_path, capture_output=True,
                                 text=True, timeout=60,
