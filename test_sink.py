@@ -242,12 +242,18 @@ def request_counts(records):
                    for r in requests_of(records))
 
 
-def locust_counts(stats):
+def by_result(rows):
+    """Per (type, name, result), like request_counts(), from rows of (type, name, requests, failures)."""
     counts = Counter()
-    for entry in stats:
-        counts[(entry["method"], entry["name"], "success")] += entry["num_requests"] - entry["num_failures"]
-        counts[(entry["method"], entry["name"], "error")] += entry["num_failures"]
+    for request_type, name, requests, failures in rows:
+        counts[(request_type, name, "success")] += requests - failures
+        counts[(request_type, name, "error")] += failures
     return +counts  # drop zeros
+
+
+def locust_counts(stats):
+    return by_result((entry["method"], entry["name"], entry["num_requests"], entry["num_failures"])
+                     for entry in stats)
 
 
 def assert_same_counts(records, stats):
@@ -380,12 +386,8 @@ FULL_SPEED_LOCUSTFILE = """
 
 
 def report_counts_of(run):
-    """Per (type, name, result), like locust_counts(), from a run of report.py's JSON."""
-    counts = Counter()
-    for row in run["names"]:
-        counts[(row["request_type"], row["name"], "success")] += row["requests"] - row["failures"]
-        counts[(row["request_type"], row["name"], "error")] += row["failures"]
-    return +counts
+    """Per (type, name, result) from a run of report.py's JSON."""
+    return by_result((row["request_type"], row["name"], row["requests"], row["failures"]) for row in run["names"])
 
 
 def test_sink_killed_mid_run_leaves_whole_lines_and_the_report_counts_what_was_lost(tmp_path, tag, target, sinks):
@@ -1178,13 +1180,9 @@ def report(*args, expect_code=0):
 
 
 def report_counts(table):
-    """Per (type, name, result), like request_counts(), from a report's table."""
-    counts = Counter()
-    for (request_type, name), (requests, failures, *_) in table.items():
-        if name != "Aggregated":
-            counts[(request_type, name, "success")] += int(requests) - int(failures)
-            counts[(request_type, name, "error")] += int(failures)
-    return +counts
+    """Per (type, name, result) from a report's printed table."""
+    return by_result((request_type, name, int(requests), int(failures))
+                     for (request_type, name), (requests, failures, *_) in table.items() if name != "Aggregated")
 
 
 def assert_complete(*files, processes):
