@@ -77,6 +77,7 @@ except ImportError:
     orjson = None
 
 DEFAULT_SINK_ADDRESS = "tcp://127.0.0.1:5555"  # where `python sink.py` listens when given no address
+ACK_TIMEOUT = 1.0  # seconds a frame waits for its acknowledgement before it is sent again; doubled each time
 
 
 def setting(name, default, parse, expected):
@@ -105,8 +106,18 @@ def seconds(text):
     return value
 
 
+def ack_address(address):
+    """Where a sink at `address` publishes its acknowledgements: the next port (sink.py has the same rule)."""
+    head, colon, port = address.rpartition(":")
+    if not (address.startswith("tcp://") and colon and port.isdigit() and 0 < int(port) < 65535):
+        raise ValueError(f"{address!r} is not tcp://HOST:PORT, and acknowledgements come from the next port")
+    return f"{head}:{int(port) + 1}"
+
+
 def sink_addresses(text):
     addresses = [address.strip() for address in text.split(",") if address.strip()]
+    for address in addresses:
+        ack_address(address)
     # libzmq is the judge of an address. The context is gone again before `--processes` forks.
     with zmq.Context() as context, context.socket(zmq.PUSH) as probe:
         for address in addresses:
@@ -205,7 +216,7 @@ class JsonFormatter(logging.Formatter):
         record, as logging keeps a formatted traceback there."""
         if not hasattr(record, "json_line"):
             message = record.msg if isinstance(record.msg, dict) else record.getMessage()
-            record.json_line = self.to_json(record.created, record.levelname, message)
+            record.json_line, record.json_seq = self.to_json(record.created, record.levelname, message), self.seq
         return record.json_line
 
     def to_json(self, created, level, message):
@@ -250,11 +261,12 @@ class LinesHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            self.write_lines([self.formatter.line(record)])
+            self.write_lines([self.formatter.line(record)], record.json_seq)
         except Exception:
             self.handleError(record)
 
-    def write_lines(self, lines):
+    def write_lines(self, lines, first_seq):
+        """Lines numbered first_seq, first_seq + 1, ..."""
         raise NotImplementedError
 
 
@@ -265,7 +277,7 @@ class JsonLinesFileHandler(LinesHandler):
         super().__init__()
         self.file = open(path, "ab")
 
-    def write_lines(self, lines):
+    def write_lines(self, lines, first_seq):
         self.file.write(b"\n".join(lines) + b"\n")
 
     def close(self):
@@ -274,45 +286,91 @@ class JsonLinesFileHandler(LinesHandler):
         super().close()
 
 
-class ZmqPushHandler(LinesHandler):
-    """Pushes formatted records to a ZeroMQ sink without ever blocking the gevent loop.
+class Frame:
+    """Consecutive records of this process, as sent: [b"<first seq> <worker>", lines], until acknowledged."""
+    __slots__ = ("first", "count", "message", "due", "timeout")
 
-    Records wait in a bounded queue as frames of lines, and every 50 ms a greenlet hands the queue to
-    ZeroMQ. Every send is non-blocking: a plain pyzmq send that blocks would freeze every greenlet of the
-    worker, users and heartbeats included. IMMEDIATE keeps ZeroMQ from accepting frames while no sink is
-    connected, so records that never left this process stay in our queue, where they can be counted.
+    def __init__(self, first, count, message):
+        self.first, self.count, self.message = first, count, message
+        self.due, self.timeout = None, ACK_TIMEOUT  # sent again at `due` if still not acknowledged
+
+
+class ZmqPushHandler(LinesHandler):
+    """Pushes formatted records to ZeroMQ sinks and keeps each frame until a sink has written and
+    acknowledged it, without ever blocking the gevent loop.
+
+    Every 50 ms a greenlet packs the new records into frames and hands ZeroMQ what is due: new frames, frames
+    that were in flight on a connection that dropped, and frames unacknowledged for longer than their
+    timeout, which doubles each time, so that a slow sink is not flooded with copies. Every send is
+    non-blocking: a plain pyzmq send that blocks would freeze every greenlet of the worker, users and
+    heartbeats included. IMMEDIATE keeps ZeroMQ from accepting frames while no sink is connected, so records
+    stay in our queue, where they are counted until acknowledged.
     """
 
     BATCH = 1000  # records per frame at most
-    SNDHWM = 10  # frames ZeroMQ holds for a connected sink: at most 10 * BATCH records
+    FRAME_BYTES = 1 << 20  # bytes per frame at most: the sink drops a connection that sends a larger frame
+    SNDHWM = 10  # frames ZeroMQ holds for a connected sink
+    HEARTBEAT_IVL, HEARTBEAT_TIMEOUT = 1000, 3000  # ms: a sink host that vanished is noticed in seconds
 
-    def __init__(self, addresses, queue_limit, flush_timeout, curve_keys=None):
+    def __init__(self, addresses, worker, queue_limit, flush_timeout, curve_keys=None):
         super().__init__()
         self.address = ",".join(addresses)
+        self.worker = worker.encode()
         self.queue_limit = queue_limit
         self.flush_timeout = flush_timeout
-        self.queue = deque()  # (frame, number of records in it)
-        self.queued = 0
-        self.sent = 0
-        self.dropped = 0
+        self.pending, self.pending_first = [], None  # records not in a frame yet, seqs from pending_first on
+        self.unacked = {}  # first seq -> Frame: every frame not acknowledged yet
+        self.to_send = deque()  # frames due: new, or to be sent again
+        self.in_flight = deque()  # frames sent, oldest first
+        self.made = self.queued = self.acked = self.dropped = self.sent = self.resent = 0
         self.context = zmq.Context()  # never zmq.Context.instance(): it could be one shared across a fork
-        self.socket = self.context.socket(zmq.PUSH)
+        self.socket, self.acks = self.context.socket(zmq.PUSH), self.context.socket(zmq.SUB)
         self.socket.setsockopt(zmq.IMMEDIATE, 1)
         self.socket.setsockopt(zmq.SNDHWM, self.SNDHWM)
-        if curve_keys:  # encrypted, to a sink that knows our public key; without a handshake nothing leaves
-            self.socket.curve_serverkey, self.socket.curve_publickey, self.socket.curve_secretkey = curve_keys
+        self.acks.setsockopt(zmq.SUBSCRIBE, self.worker)
+        for socket_ in (self.socket, self.acks):
+            socket_.setsockopt(zmq.HEARTBEAT_IVL, self.HEARTBEAT_IVL)
+            socket_.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.HEARTBEAT_TIMEOUT)
+            if curve_keys:  # encrypted, to a sink that knows our public key; without a handshake nothing leaves
+                socket_.curve_serverkey, socket_.curve_publickey, socket_.curve_secretkey = curve_keys
+        # What was in flight on a connection that dropped is lost with it: the monitor says when to resend.
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         for address in addresses:  # several sinks: PUSH sends each frame to one of those connected, in turn
             self.socket.connect(address)
+            self.acks.connect(ack_address(address))
         self.forwarder = gevent.spawn(self._forward_forever)
 
-    def write_lines(self, lines):
+    def write_lines(self, lines, first_seq):
+        self.made += len(lines)
         room = max(0, self.queue_limit - self.queued)
         self.dropped += max(0, len(lines) - room)
-        # Joining makes exact-size frames: orjson's own bytes keep ~4 KB each, too much for a long queue.
-        for start in range(0, min(len(lines), room), self.BATCH):
-            batch = lines[start:min(start + self.BATCH, room)]
-            self.queue.append((b"\n".join(batch), len(batch)))
-            self.queued += len(batch)
+        if len(lines) > room:
+            lines = lines[:room]
+        if self.pending and self.pending_first + len(self.pending) != first_seq:
+            self._pack()  # a gap (records dropped): a frame holds consecutive seqs only
+        if not self.pending:
+            self.pending_first = first_seq
+        self.pending += lines
+        self.queued += len(lines)
+
+    def _pack(self):
+        pending, first, self.pending = self.pending, self.pending_first, []
+        for start in range(0, len(pending), self.BATCH):
+            self._frame(pending[start:start + self.BATCH], first + start)
+
+    def _frame(self, lines, first):
+        if sum(map(len, lines)) + len(lines) - 1 <= self.FRAME_BYTES:
+            # Joining makes exact-size frames: orjson's own bytes keep ~4 KB each, too much for a long queue.
+            frame = Frame(first, len(lines), [b"%d %s" % (first, self.worker), b"\n".join(lines)])
+            self.unacked[first] = frame
+            self.to_send.append(frame)
+        elif len(lines) == 1:  # a record over 1 MiB, which the sink would refuse: dropped and counted
+            self.dropped += 1
+            self.queued -= 1
+        else:
+            half = len(lines) // 2
+            self._frame(lines[:half], first)
+            self._frame(lines[half:], first + half)
 
     def _forward_forever(self):
         while True:
@@ -320,17 +378,54 @@ class ZmqPushHandler(LinesHandler):
             gevent.sleep(0.05)
 
     def _forward(self):
-        while self.queue:
-            frame, count = self.queue[0]
-            try:
-                self.socket.send(frame, zmq.NOBLOCK)
-            except zmq.Again:
-                return  # no sink connected, or it is behind: keep the records, try again later
-            self.queue.popleft()
-            self.queued -= count
-            self.sent += count
+        if self.pending:
+            self._pack()
+        self._read_acks()
+        now = time.monotonic()
+        if self.monitor.poll(0):
+            while self.monitor.poll(0):
+                self.monitor.recv_multipart()
+            self.to_send.extendleft(reversed(self.in_flight))
+            self.in_flight.clear()
+        while self.in_flight and (self.in_flight[0].first not in self.unacked or self.in_flight[0].due <= now):
+            frame = self.in_flight.popleft()
+            if frame.first in self.unacked:
+                self.to_send.append(frame)
+        while self.to_send:
+            frame = self.to_send[0]
+            if frame.first in self.unacked:
+                try:
+                    self.socket.send_multipart(frame.message, zmq.NOBLOCK)
+                except zmq.Again:
+                    return  # no sink connected, or it is behind: keep the frames, try again later
+                if frame.due is None:
+                    self.sent += frame.count
+                else:
+                    self.resent += frame.count
+                    frame.timeout *= 2
+                frame.due = now + frame.timeout
+                self.in_flight.append(frame)
+            self.to_send.popleft()
 
-    def why_nothing_was_sent(self):
+    def _read_acks(self):
+        while True:
+            try:
+                worker, ack = self.acks.recv_multipart(zmq.NOBLOCK)
+                first, count = map(int, ack.split())
+            except zmq.Again:
+                return
+            except ValueError:
+                continue  # not an acknowledgement
+            frame = self.unacked.get(first) if worker == self.worker else None  # not a longer id that starts with ours
+            if frame is not None and frame.count == count:
+                del self.unacked[first]
+                self.acked += count
+                self.queued -= count
+
+    def why_not_acknowledged(self):
+        if self.sent:
+            return (": records were sent, but no sink acknowledged any (a sink.py without acknowledgements, or "
+                    "the port after its address unreachable)") if not self.acked else ""
         if self.address == DEFAULT_SINK_ADDRESS:
             return (f": no sink was reached at {DEFAULT_SINK_ADDRESS}, the default address; start one there with "
                     "`python sink.py`, or set ZMQ_SINK_ADDRESS= (empty) to turn pushing off")
@@ -338,29 +433,30 @@ class ZmqPushHandler(LinesHandler):
                 "process's CURVE key, or its lack of one)")
 
     def close(self):
-        """Deliver what is queued, waiting at most flush_timeout seconds, and report what was not."""
+        """Wait at most flush_timeout seconds until a sink has acknowledged every record; say how many it has."""
         if self.socket is not None:
             self.forwarder.kill()
             deadline = time.monotonic() + self.flush_timeout
             self._forward()
-            while self.queue and time.monotonic() < deadline:
+            while (self.unacked or self.pending) and time.monotonic() < deadline:
                 gevent.sleep(0.01)
                 self._forward()
-            linger = max(0.0, deadline - time.monotonic())
-            self.socket.close(linger=int(linger * 1000))
+            self.socket.disable_monitor()
+            for socket_ in (self.monitor, self.socket, self.acks):
+                socket_.close(linger=0)
             self.context.term()
             self.socket = None
-            undelivered = self.dropped + self.queued
             report = logging.getLogger(__name__)
-            if undelivered:
+            if self.made > self.acked:
                 report.warning(
-                    "ZeroMQ sink %s: %d records not delivered (%d dropped on a full queue of %d, "
-                    "%d still queued after %.1fs); %d sent%s",
-                    self.address, undelivered, self.dropped, self.queue_limit, self.queued,
-                    self.flush_timeout, self.sent, "" if self.sent else self.why_nothing_was_sent(),
+                    "ZeroMQ sink %s: %d records acknowledged, %d not (%d dropped: a full queue of %d, or over 1 MiB; "
+                    "%d unacknowledged after %.1fs); %d sent again%s",
+                    self.address, self.acked, self.made - self.acked, self.dropped, self.queue_limit, self.queued,
+                    self.flush_timeout, self.resent, self.why_not_acknowledged(),
                 )
-            elif self.sent:
-                report.info("ZeroMQ sink %s: %d records sent", self.address, self.sent)
+            elif self.made:
+                report.info("ZeroMQ sink %s: all %d records acknowledged; %d sent again", self.address, self.acked,
+                            self.resent)
         super().close()
 
 
@@ -388,7 +484,7 @@ class RequestLog:
                 path = path.with_name(f"{path.stem}.{worker}{path.suffix}")
             self.handlers.append(JsonLinesFileHandler(path))
         if SINK_ADDRESSES:
-            self.pusher = ZmqPushHandler(SINK_ADDRESSES, QUEUE_LIMIT, FLUSH_TIMEOUT, CURVE_KEYS)
+            self.pusher = ZmqPushHandler(SINK_ADDRESSES, worker, QUEUE_LIMIT, FLUSH_TIMEOUT, CURVE_KEYS)
             self.handlers.append(self.pusher)
         for handler in self.handlers:
             handler.setFormatter(self.formatter)
@@ -434,7 +530,7 @@ class RequestLog:
             self.requests += len(lines)
             # No handler lock is taken: greenlets share one thread and no write yields to another.
             for handler in self.handlers:
-                handler.write_lines(lines)
+                handler.write_lines(lines, self.formatter.seq - len(lines) + 1)
 
     def to_line(self, created, request_type, name, response_time, response_length, exception, context,
                 start_time, url):
@@ -466,7 +562,7 @@ class RequestLog:
             "class": "end", "records": self.formatter.seq + 1, "requests": self.requests,
             "dropped": self.pusher.dropped if self.pusher else 0})
         for handler in self.handlers:
-            handler.write_lines([end])
+            handler.write_lines([end], self.formatter.seq)
         for handler in self.handlers:
             self.logger.removeHandler(handler)
             handler.close()

@@ -3,7 +3,8 @@ Collect the records that every Locust process pushes into one JSON-lines file.
 
 Usage::
 
-    python sink.py --bind 'tcp://*:5555' --log-file requests.jsonl
+    python sink.py                                  # tcp://127.0.0.1:5555, acknowledgements on port 5556
+    python sink.py --bind 'tcp://*:5555' --log-file requests.jsonl   # for load generators on other machines
 
 Framing: every frame of a message holds one record, or several separated by line breaks (\\n), each a
 JSON object in UTF-8; a final line break is allowed. A frame is written whole, as it came, or rejected
@@ -12,9 +13,15 @@ JSON (NaN and Infinity included), or JSON but not an object. Rejecting whole fra
 bad message, such as one line of a pretty-printed object, can never pass for a record. Records are
 appended in arrival order, not time order.
 
-Each valid frame goes to the file in one unbuffered write before it is counted: a reader sees every
-counted record, and a sink killed at any moment leaves at most its last line incomplete. A sink that
-starts on a file whose last line is incomplete first ends that line, and says so; it never truncates.
+A message of two frames whose first is ``<seq> <worker>`` (as the locustfile sends) is numbered: its
+records are that process's records seq, seq + 1, ... The sink writes only those its file does not hold yet,
+then publishes ``[worker, b"<seq> <count>"]`` on a PUB socket at the next port (``tcp://*:5556``), where
+the load generator subscribes to its own worker id: the acknowledgement that lets it forget them.
+
+Each valid frame goes to the file in one unbuffered write before it is counted or acknowledged: a reader
+sees every counted record, and a sink killed at any moment leaves at most its last line incomplete. A sink
+that starts on a file first reads which records it holds, and cuts an incomplete last line, which was
+never acknowledged, so the load generator sends it again.
 
 Progress goes to stderr every few seconds while records arrive. SIGINT or SIGTERM: the sink writes
 what it has received, closes the file and prints a summary. ``python report.py`` reports on the file.
@@ -33,7 +40,8 @@ import struct
 import sys
 import threading
 import time
-from collections import Counter, deque
+from bisect import bisect_left, bisect_right
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 
 import zmq
@@ -44,16 +52,25 @@ except ImportError:
     simdjson = None
 
 MAX_RECORD_BYTES = 1 << 20
-# A frame larger than this makes ZeroMQ drop the sender's connection before we see it: a memory guard.
-MAX_FRAME_BYTES = 64 << 20
-# Messages ZeroMQ holds for us per connected process, a frame of up to 1000 records each: the bound on
-# what the sink buffers when it falls behind (ZeroMQ's default of 1000 let a test run reach 600 MB).
-RCVHWM = 10
+# ZeroMQ drops the connection of a client that sends a larger frame before it buffers any of it: one record
+# and its line break is the most a frame needs, and the locustfile never makes a larger one.
+MAX_FRAME_BYTES = MAX_RECORD_BYTES + 1
+# Messages ZeroMQ holds for us per connection while we write. With the one it is reading, the sink buffers
+# at most connections x (RCVHWM + 1) x MAX_FRAME_BYTES (ZeroMQ's default of 1000 let a run reach 600 MB).
+RCVHWM = 1
 PROGRESS_EVERY = 2.0  # seconds
 RETRY_EVERY, STALLED_EVERY = 0.5, 5.0  # seconds: a file that refuses writes is tried again, and reported
 # Handshakes that fail before ZAP is asked. libzmq names only our own endpoint for them, not the client's.
 FAILED_HANDSHAKES = {zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "a client without CURVE keys",
                      zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "a client that encrypts to another sink's public key"}
+
+
+def ack_address(address):
+    """Where a sink at `address` publishes its acknowledgements: the next port (the locustfile has the same rule)."""
+    head, colon, port = address.rpartition(":")
+    if not (address.startswith("tcp://") and colon and port.isdigit() and 0 < int(port) < 65535):
+        raise ValueError("expected tcp://HOST:PORT, as acknowledgements go to the next port")
+    return f"{head}:{int(port) + 1}"
 
 
 def reject_constant(name):
@@ -121,57 +138,139 @@ def why_rejected(frame, lines):
     return None
 
 
+def record_id(line):
+    """(worker, seq) of a record, as the file and numbered frames name it, or None."""
+    try:
+        if simdjson_parser is not None and not line.startswith(BOM):
+            record = simdjson_parser.parse(line)
+            worker, seq = record.get("worker"), record.get("seq")
+            del record  # simdjson refuses to parse again while a result of its parser is alive
+        else:
+            record = decoder.decode(line.decode("utf-8"))
+            worker, seq = record.get("worker"), record.get("seq")
+    except Exception:
+        return None
+    return (worker.encode(), seq) if isinstance(worker, str) and type(seq) is int else None
+
+
+class Seqs:
+    """The seqs of one process that the file holds, as sorted, disjoint ranges [start, end)."""
+
+    def __init__(self):
+        self.starts, self.ends = [], []
+
+    def missing(self, start, end):
+        """The parts of [start, end) not held, as ranges."""
+        parts, i = [], bisect_right(self.ends, start)
+        while start < end:
+            if i == len(self.starts) or end <= self.starts[i]:
+                parts.append((start, end))
+                break
+            if start < self.starts[i]:
+                parts.append((start, self.starts[i]))
+            start, i = max(start, self.ends[i]), i + 1
+        return parts
+
+    def add(self, start, end):
+        i, j = bisect_left(self.ends, start), bisect_right(self.starts, end)  # the ranges it touches
+        if i < j:
+            start, end = min(start, self.starts[i]), max(end, self.ends[j - 1])
+        self.starts[i:j], self.ends[i:j] = [start], [end]
+
+
 def open_log(path):
-    """Open the file to append to, unbuffered; end a line that a killed sink left incomplete. Returns the file
-    and what was done to it, for the start line."""
+    """Open the file to append to, unbuffered; cut an incomplete last line, and read which records the file
+    holds. Returns the file, {worker: Seqs} and what was done to it, for the start line."""
     out = open(path, "ab+", buffering=0)
-    size = os.fstat(out.fileno()).st_size
-    if size and os.pread(out.fileno(), 1, size - 1) != b"\n":
-        # Without it, the next record would be glued onto the fragment, and both lost to a line reader.
-        out.write(b"\n")
-        return out, " (its last line was incomplete: ended it with a line break)"
-    return out, ""
+    size = end = os.fstat(out.fileno()).st_size
+    while end and os.pread(out.fileno(), 1, end - 1) != b"\n":
+        # A killed sink's last write: never acknowledged, so the load generator sends it again. Ended with a
+        # line break instead, it would be an unreadable line forever.
+        start = max(0, end - MAX_FRAME_BYTES)
+        end = start + os.pread(out.fileno(), end - start, start).rfind(b"\n") + 1
+    held = defaultdict(Seqs)
+    started = time.monotonic()
+    with open(path, "rb") as lines:
+        for line in lines:
+            if lines.tell() > end:
+                break
+            numbered = record_id(line[:-1])
+            if numbered is not None:
+                held[numbered[0]].add(numbered[1], numbered[1] + 1)
+    note = f" (holding records of {len(held)} processes, read in {time.monotonic() - started:.1f}s)" if size else ""
+    if end < size:
+        os.ftruncate(out.fileno(), end)
+        note += f" (cut its incomplete last line, {size - end} bytes, never acknowledged)"
+    return out, held, note
+
+
+def numbering(message):
+    """(worker, first seq) of a numbered message, [b"<seq> <worker>", frame], or None."""
+    if len(message) == 2:
+        seq, space, worker = message[0].partition(b" ")
+        if space and worker and seq.isdigit() and len(seq) < 19:
+            return worker, int(seq)
+    return None
 
 
 class Sink:
-    """Receives frames, appends the valid ones to the file and counts the rest."""
+    """Receives messages, appends the valid records to the file, acknowledges numbered ones and counts the rest."""
 
-    def __init__(self, out, name):
-        self.out, self.name = out, name
-        self.written = 0
+    def __init__(self, out, name, held, acks):
+        self.out, self.name, self.acks = out, name, acks
+        self.seqs = held  # {worker: Seqs} in the file
+        self.written = self.resent = self.dropped_connections = 0
         self.rejected = Counter()
         self.first_arrival = self.last_arrival = None
-        # Valid frames the file has not taken yet, as (bytes left, records): while there are any, the sink is
-        # stalled and takes nothing more from ZeroMQ, so the load generators keep what follows, counted.
+        # Valid frames the file has not taken yet, as (bytes left, records, acknowledgement): while there are
+        # any, the sink is stalled and takes nothing more from ZeroMQ, so the load generators keep what
+        # follows, counted.
         self.held = deque()
         self.stalled_since = None
 
-    def take(self, frames):
+    def take(self, message):
         self.last_arrival = time.monotonic()
         if self.first_arrival is None:
             self.first_arrival = self.last_arrival
-        for frame in frames:
-            lines = record_lines(frame)
-            reason = why_rejected(frame, lines)
-            if reason is None:
-                self.held.append((memoryview(frame if frame.endswith(b"\n") else frame + b"\n"), len(lines)))
-            else:
-                if not self.rejected[reason]:
-                    print(f"sink: rejected a frame ({reason}): {frame[:80]!r}", file=sys.stderr)
-                self.rejected[reason] += 1
+        numbered = numbering(message)
+        for frame in message[1:] if numbered else message:
+            self.take_frame(frame, numbered)
         self.write_held()
+
+    def take_frame(self, frame, numbered):
+        lines = record_lines(frame)
+        reason = why_rejected(frame, lines)
+        if reason is None and numbered:
+            worker, first = numbered
+            if record_id(lines[0]) != (worker, first) or record_id(lines[-1]) != (worker, first + len(lines) - 1):
+                reason = "numbered unlike its records"
+        if reason is not None:
+            if not self.rejected[reason]:
+                print(f"sink: rejected a frame ({reason}): {frame[:80]!r}", file=sys.stderr)
+            self.rejected[reason] += 1
+            return
+        data = frame if frame.endswith(b"\n") else frame + b"\n"
+        if not numbered:
+            self.held.append((memoryview(data), len(lines), None))
+            return
+        new = self.seqs[worker].missing(first, first + len(lines))
+        if new != [(first, first + len(lines))]:  # sent again: only what the file does not hold yet
+            data = b"".join(lines[seq - first] + b"\n" for start, end in new for seq in range(start, end))
+        records = sum(end - start for start, end in new)
+        self.resent += len(lines) - records
+        self.held.append((memoryview(data), records, (worker, first, len(lines), new)))
 
     def write_held(self):
         """Write the held frames in order, each in one write when the file takes it whole. On a write error
         (disk full, a file size limit, a read-only or failing file system) keep the rest, to the byte, so that
         once writing works again no line is left cut short. True when nothing is held."""
         while self.held:
-            data, records = self.held[0]
+            data, records, ack = self.held[0]
             try:
                 while data:
                     data = data[self.out.write(data):]
             except OSError as error:
-                self.held[0] = (data, records)
+                self.held[0] = (data, records, ack)
                 if self.stalled_since is None:
                     self.stalled_since = time.monotonic()
                     print(f"sink: cannot write to {self.name}: {error.strerror}; holding {self.held_records()} "
@@ -179,6 +278,11 @@ class Sink:
                 return False
             self.held.popleft()
             self.written += records
+            if ack is not None:  # in the file now: the load generator may forget these records
+                worker, first, count, new = ack
+                for start, end in new:
+                    self.seqs[worker].add(start, end)
+                self.acks.send_multipart([worker, b"%d %d" % (first, count)])  # PUB: never blocks, drops at HWM
         if self.stalled_since is not None:
             print(f"sink: writing to {self.name} again after {time.monotonic() - self.stalled_since:.1f}s",
                   file=sys.stderr, flush=True)
@@ -186,7 +290,7 @@ class Sink:
         return True
 
     def held_records(self):
-        return sum(records for _, records in self.held)
+        return sum(records for _, records, _ in self.held)
 
     def drain(self, socket, max_seconds):
         """Take every message already waiting, for at most max_seconds, unless the file refuses writes."""
@@ -206,6 +310,8 @@ class Sink:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.rejected.items()))
         return (f"{self.written} records written in {seconds:.1f}s ({rate:.0f}/s), "
                 f"{sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else "")
+                + f", {self.resent} records sent again and already in the file, {self.dropped_connections} "
+                  f"connections closed (by their client, the network, or ZeroMQ for a frame over {MAX_FRAME_BYTES} bytes)"
                 + (f", {self.held_records()} records received but not written: the file refused them" if self.held
                    else ""))
 
@@ -264,11 +370,15 @@ def authenticate(zap, clients):
         zap.close()
 
 
-def report_failed_handshakes(monitor, reported):
-    """Print each kind of handshake that failed before ZAP once (its client's address is not known)."""
+def read_events(monitor, sink, reported):
+    """Count dropped connections; print each kind of handshake that failed before ZAP once (its client's
+    address is not known)."""
     while monitor.poll(0):
         # Frame 1: event (16 bits) and value (32), native order; zmq.utils.monitor would import asyncio, +8 MB.
-        _event, code = struct.unpack("=HI", monitor.recv_multipart()[0][:6])
+        event, code = struct.unpack("=HI", monitor.recv_multipart()[0][:6])
+        if event == zmq.EVENT_DISCONNECTED:
+            sink.dropped_connections += 1
+            continue
         kind = FAILED_HANDSHAKES.get(code, f"a client whose handshake failed (ZeroMQ protocol error {code:#x})")
         if kind not in reported:
             reported.add(kind)
@@ -301,8 +411,10 @@ def make_keys(folder):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bind", default=os.environ.get("ZMQ_SINK_BIND", "tcp://*:5555"),
-                        help="ZeroMQ address to bind the PULL socket to (env ZMQ_SINK_BIND; default %(default)s)")
+    parser.add_argument("--bind", default=os.environ.get("ZMQ_SINK_BIND", "tcp://127.0.0.1:5555"),
+                        help="tcp://HOST:PORT to bind the PULL socket to, and PORT + 1 the acknowledgements' PUB "
+                             "socket; 'tcp://*:5555' for load generators on other machines (env ZMQ_SINK_BIND; "
+                             "default %(default)s)")
     parser.add_argument("--log-file", default=os.environ.get("ZMQ_SINK_LOG_FILE", "requests.jsonl"),
                         help="JSON-lines file to append to, never truncated (env ZMQ_SINK_LOG_FILE; "
                              "default %(default)s)")
@@ -328,7 +440,7 @@ def main():
         signal.signal(signum, lambda signum, frame: stopping.append(signum))
 
     context = zmq.Context()
-    pull = context.socket(zmq.PULL)
+    pull, acks = context.socket(zmq.PULL), context.socket(zmq.PUB)
     pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     pull.setsockopt(zmq.RCVHWM, RCVHWM)
     if curve:
@@ -338,31 +450,32 @@ def main():
         zap.linger = 0
         zap.bind("inproc://zeromq.zap.01")
         threading.Thread(target=authenticate, args=(zap, clients), daemon=True).start()
-        pull.curve_server, pull.curve_publickey, pull.curve_secretkey = True, public, secret
+        for socket in (pull, acks):
+            socket.curve_server, socket.curve_publickey, socket.curve_secretkey = True, public, secret
     try:
-        pull.bind(args.bind)
-    except zmq.ZMQError as error:
-        sys.exit(f"sink: --bind {args.bind} (ZMQ_SINK_BIND): {error}; expected a free address to listen on, such as "
-                 "tcp://*:5555")
+        for socket, address in ((acks, ack_address(args.bind)), (pull, args.bind)):
+            socket.bind(address)
+    except (ValueError, zmq.ZMQError) as error:
+        sys.exit(f"sink: --bind {args.bind} (ZMQ_SINK_BIND): {error}; expected tcp://HOST:PORT with PORT and PORT + 1 "
+                 "free, such as tcp://127.0.0.1:5555")
     endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
     try:
-        out, mended = open_log(args.log_file)
+        out, held, mended = open_log(args.log_file)
     except OSError as error:
         sys.exit(f"sink: --log-file {args.log_file} (ZMQ_SINK_LOG_FILE): {error.strerror}; expected a file it can "
                  "append to, in a folder that exists")
     access = (f"only CURVE clients with one of the {len(curve[2])} keys in {args.curve_clients}" if curve
               else "anyone who can connect, unencrypted")
-    print(f"sink: listening on {endpoint} for {access}, appending to {args.log_file}{mended}, checking records with "
+    print(f"sink: listening on {endpoint} (acknowledgements on {acks.getsockopt_string(zmq.LAST_ENDPOINT)}) for "
+          f"{access}, appending to {args.log_file}{mended}, checking records with "
           f"{'simdjson' if simdjson else 'the json module'}", file=sys.stderr, flush=True)
 
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
-    monitor, reported = None, set()
-    if curve:
-        monitor = pull.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-        poller.register(monitor, zmq.POLLIN)
+    monitor, reported = pull.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_DISCONNECTED), set()
+    poller.register(monitor, zmq.POLLIN)
     with out:
-        sink = Sink(out, args.log_file)
+        sink = Sink(out, args.log_file, held, acks)
         last_counts, last_time, last_stalled_line = sink.counts(), time.monotonic(), 0.0
         while not stopping:
             if sink.held:  # stalled: the file refuses writes
@@ -377,7 +490,7 @@ def main():
             if pull in ready:
                 sink.drain(pull, max_seconds=0.5)
             if monitor in ready:
-                report_failed_handshakes(monitor, reported)
+                read_events(monitor, sink, reported)
             now = time.monotonic()
             if now - last_time >= PROGRESS_EVERY:
                 if sink.counts() != last_counts:
@@ -389,10 +502,10 @@ def main():
         # refuses writes, which the summary then counts.
         sink.drain(pull, max_seconds=2.0)
         sink.write_held()
-    if monitor is not None:
-        pull.disable_monitor()
-        monitor.close(linger=0)
+    pull.disable_monitor()
+    monitor.close(linger=0)
     pull.close(linger=0)
+    acks.close(linger=1000)  # the last acknowledgements, to load generators still connected
     context.term()
     print(f"sink: stopped by {signal.Signals(stopping[0]).name}: {sink.summary()} to {args.log_file}",
           file=sys.stderr, flush=True)
