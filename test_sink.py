@@ -75,9 +75,16 @@ def target():
 # --- processes --------------------------------------------------------------------------------
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port that is free on 127.0.0.1, and so is the next one, where a sink publishes acknowledgements."""
+    while True:
+        with socket.socket() as s, socket.socket() as next_one:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            try:
+                next_one.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                pass
 
 
 @pytest.fixture
@@ -148,9 +155,9 @@ def curve(request, keys):
 
 
 class SinkProcess:
-    def __init__(self, tmp_path, tag, address=None, name="sink", settings=None, file_size_limit=None):
+    def __init__(self, tmp_path, tag, address=None, name="sink", settings=None, file_size_limit=None, log_file=None):
         self.address = address or f"tcp://127.0.0.1:{free_port()}"
-        self.log_file = tmp_path / f"{name}.jsonl"
+        self.log_file = log_file or tmp_path / f"{name}.jsonl"
         self.stderr_path = tmp_path / f"{name}.err"
         # A full disk without root: past RLIMIT_FSIZE a write fails with EFBIG (Python ignores SIGXFSZ).
         # Only the soft limit: raising a hard one, even the test's own child's, needs CAP_SYS_RESOURCE.
@@ -312,13 +319,14 @@ def test_processes_run_delivers_every_request_from_each_process(tmp_path, tag, t
     assert_complete(sink.log_file, processes=3)  # the master logs its end record
 
 
-def start_workers(tmp_path, tag, target, master_port, sink_address, settings=None):
+def start_workers(tmp_path, tag, target, master_port, sink_address, settings=None, locustfile=LOCUSTFILE,
+                  stderr=subprocess.DEVNULL):
     """Two `--worker` processes, labelled loadgen-1 and loadgen-2, pushing to the sink."""
     return [subprocess.Popen(locust_command(target, "--worker", "--master-host", "127.0.0.1", "--master-port",
-                                            master_port),
+                                            master_port, locustfile=locustfile),
                              cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=sink_address, HOST=f"loadgen-{i}",
                                                            **(settings or {})),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=stderr, text=True)
             for i in (1, 2)]
 
 
@@ -390,45 +398,170 @@ def report_counts_of(run):
     return by_result((row["request_type"], row["name"], row["requests"], row["failures"]) for row in run["names"])
 
 
-def test_sink_killed_mid_run_leaves_whole_lines_and_the_report_counts_what_was_lost(tmp_path, tag, target, sinks):
-    sink = sinks()
+def full_speed_locust(tmp_path, tag, target, sink_address, *args, seconds=8, settings=None):
+    """Locust at full speed, no local file, pushing to the sink; returns the running process."""
     locustfile = write_locustfile(tmp_path / "full_speed_locustfile.py", FULL_SPEED_LOCUSTFILE)
-    command = locust_command(target, "--headless", "-u", "10", "-r", "10", "-t", "8s", *two_processes(),
+    command = locust_command(target, "--headless", "-u", "10", "-r", "10", "-t", f"{seconds}s", *args,
                              "--json-file", str(tmp_path / "stats"), locustfile=locustfile)
-    locust = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=environment(tag, ZMQ_SINK_ADDRESS=sink.address, LOCUST_RESOURCE_INTERVAL="0",
-                                              LOCUST_LOG_FILE=str(tmp_path / "local.jsonl")))
+    return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=environment(tag, ZMQ_SINK_ADDRESS=sink_address, LOCUST_RESOURCE_INTERVAL="0",
+                                            **(settings or {})))
+
+
+def finish(locust):
+    """Wait for Locust to end; its stderr."""
     try:
-        wait_for(lambda: len(re.findall(r"sink: \d+ records \(", sink.stderr())) >= 2, what="records at full speed")
-        # Stopped first, so frames pile up in its socket buffers; killed, it loses them, and nobody counts them.
-        sink.proc.send_signal(signal.SIGSTOP)
-        time.sleep(0.5)
-        sink.proc.kill()
-        sink.proc.wait()
-        # Every record the sink counted is in the file, each on a line of its own.
-        counted = max(int(n) for n in re.findall(r"sink: (\d+) records \(", sink.stderr()))
-        assert len(read_records(sink.log_file)) >= counted
-        time.sleep(1)
-        restarted = sinks(address=sink.address)  # on the same file
         _, stderr = locust.communicate(timeout=90)
     finally:
         locust.kill()
         locust.wait()
     assert locust.returncode == 0, stderr
+    return stderr
+
+
+def assert_nothing_lost(sink_file, stderr, tmp_path, tag, processes):
+    """The sink's file alone holds every request Locust counted, each record once and every line whole, and
+    each process's last line says that a sink acknowledged all of its records."""
     assert not locust_processes(tag)
+    records = read_records(sink_file)
+    assert len({(r["worker"], r["seq"]) for r in records}) == len(records), "each (worker, seq) once"
+    assert request_counts(records) == locust_counts(json.loads((tmp_path / "stats.json").read_text()))
+    assert_complete(sink_file, processes=processes)
+    acknowledged = re.findall(r"ZeroMQ sink \S+: all (\d+) records acknowledged, (\d+) sent again", stderr)
+    assert len(acknowledged) == processes and "not (" not in stderr, stderr
+    assert sum(int(made) for made, _ in acknowledged) == len(records)
+    return sum(int(again) for _, again in acknowledged)
+
+
+def wait_for_full_speed(sink):
+    wait_for(lambda: len(re.findall(r"sink: \d+ records \(", sink.stderr())) >= 2, what="records at full speed")
+
+
+def reset_connections(port):
+    """Reset every TCP connection to the sink's two ports, both ends, as a network fault does."""
+    reset = subprocess.run(["ss", "-K", "-t", f"( sport = :{port} or dport = :{port} or sport = :{port + 1} or "
+                                              f"dport = :{port + 1} )"], capture_output=True, text=True, timeout=30)
+    assert reset.returncode == 0, reset.stderr
+    return reset.stdout.count("ESTAB")
+
+
+def test_a_frozen_sink_whose_connections_are_reset_loses_nothing(tmp_path, tag, target, sinks, curve):
+    sink = sinks(settings=curve[0])
+    locust = full_speed_locust(tmp_path, tag, target, sink.address, *two_processes(), settings=curve[1])
+    try:
+        wait_for_full_speed(sink)
+        sink.proc.send_signal(signal.SIGSTOP)  # its host freezes: frames pile up in ZeroMQ's and the kernel's buffers
+        time.sleep(2)
+        assert reset_connections(int(sink.address.rsplit(":", 1)[1])) >= 3  # a PUSH connection of each process at least
+        sink.proc.send_signal(signal.SIGCONT)
+    finally:
+        stderr = finish(locust)
+    sink.stop()
+    assert_nothing_lost(sink.log_file, stderr, tmp_path, tag, processes=3)
+
+
+def test_a_sink_killed_and_started_again_on_its_file_loses_nothing(tmp_path, tag, target, sinks):
+    sink = sinks()
+    locust = full_speed_locust(tmp_path, tag, target, sink.address, *two_processes())
+    try:
+        wait_for_full_speed(sink)
+        sink.proc.send_signal(signal.SIGSTOP)
+        time.sleep(1)
+        sink.proc.kill()
+        sink.proc.wait()
+        time.sleep(2)
+        restarted = sinks(address=sink.address)  # on the same file
+    finally:
+        stderr = finish(locust)
     restarted.stop()
-    stats = json.loads((tmp_path / "stats.json").read_text())
-    records = read_records(sink.log_file)  # every line parses as a JSON object
-    verdict = report_json(sink.log_file, "--require-complete", expect_code=1)
-    assert verdict["missing"] == locust_total(stats) - len(requests_of(records)) > 0
-    assert [p["ended"] for p in verdict["processes"]] == [True] * 3  # 2 workers and their master
-    assert re.search(rf"^INCOMPLETE: {verdict['missing']} records missing from \d of 3 processes\.$",
-                     report(sink.log_file)[1], re.MULTILINE)
-    # The processes' own files fill the gaps.
-    local_files = [tmp_path / "local.jsonl", *tmp_path.glob("local.*.jsonl")]
-    merged = assert_complete(sink.log_file, *local_files, processes=3)
-    assert report_counts_of(merged["runs"][0]) == locust_counts(stats)
-    assert merged["lines"]["duplicate"] == len(records)
+    resent = assert_nothing_lost(sink.log_file, stderr, tmp_path, tag, processes=3)
+    assert resent > 0, "what the killed sink had not acknowledged was sent again"
+
+
+def next_port(address):
+    """Where a sink at `address` publishes its acknowledgements, as the README says."""
+    host, port = address.rsplit(":", 1)
+    return f"{host}:{int(port) + 1}"
+
+
+def numbered(worker, first, count):
+    """A numbered message as the locustfile sends it, of records first, first + 1, ..."""
+    return [b"%d %s" % (first, worker.encode()), b"\n".join(json.dumps(
+        {"worker": worker, "seq": seq, "message": "x"}).encode() for seq in range(first, first + count))]
+
+
+def test_a_record_sent_again_is_written_once_also_by_a_sink_started_again(tmp_path, tag, sinks):
+    sink = sinks()
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push, context.socket(zmq.SUB) as acks:
+        acks.rcvtimeo = 10_000
+        acks.connect(next_port(sink.address))
+        acks.subscribe(b"w")
+        push.connect(sink.address)
+        time.sleep(0.5)  # the subscription reaches the sink
+        for message in (numbered("w", 1, 3), numbered("w", 1, 3), numbered("w2", 1, 2), numbered("w", 4, 2)):
+            push.send_multipart(message)
+        # Every frame is acknowledged once written, copies too; only "w"'s subscription hears "w"'s.
+        assert [acks.recv_multipart() for _ in range(4)] == [
+            [b"w", b"1 3"], [b"w", b"1 3"], [b"w2", b"1 2"], [b"w", b"4 2"]]
+        push.send_multipart([b"7 w", numbered("w", 6, 1)[1]])  # numbered unlike its records: rejected
+        push.send_multipart([b"8 w", numbered("w", 8, 1)[1], b"{}"])  # three frames: plain, and one is not JSON
+        wait_for(lambda: len(complete_lines(sink.log_file)) == 9, what="the records")
+        summary = sink.stop()
+        assert "9 records written" in summary and "3 records sent again and already in the file" in summary
+        assert "2 frames rejected (1 not JSON, 1 numbered unlike its records)" in summary
+        # A sink killed in a write leaves the start of a line: the next one cuts it and reads back the rest.
+        with open(sink.log_file, "ab") as log_file:
+            log_file.write(numbered("w", 6, 1)[1][:20])
+        restarted = sinks(address=sink.address)
+        assert re.search(r"\(holding records of 2 processes, read in [\d.]+s\) \(cut its incomplete last line, 20 "
+                         r"bytes, never acknowledged\)", restarted.stderr()), restarted.stderr()
+        time.sleep(1)  # both connections come back, and the subscription reaches the new sink
+        push.send_multipart(numbered("w", 4, 4))  # 4 and 5 are in the file, 6 and 7 are not
+        assert acks.recv_multipart() == [b"w", b"4 4"]
+        summary = restarted.stop()
+    assert "2 records written" in summary and "2 records sent again and already in the file" in summary
+    ids = [(r.get("worker"), r.get("seq")) for r in read_records(sink.log_file)]
+    assert ids == [("w", 1), ("w", 2), ("w", 3), ("w2", 1), ("w2", 2), ("w", 4), ("w", 5), ("w", 8), (None, None),
+                   ("w", 6), ("w", 7)]
+
+
+def test_a_sink_down_for_the_first_seconds_gets_every_record_of_master_and_workers(tmp_path, tag, target, sinks):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    port = str(free_port())
+    locustfile = write_locustfile(tmp_path / "full_speed_locustfile.py", FULL_SPEED_LOCUSTFILE)
+    workers = start_workers(tmp_path, tag, target, port, address, settings={"LOCUST_RESOURCE_INTERVAL": "0"},
+                            locustfile=locustfile, stderr=subprocess.PIPE)
+    master = full_speed_locust(tmp_path, tag, target, address, "--master", "--expect-workers", "2",
+                               "--master-bind-host", "127.0.0.1", "--master-bind-port", port)
+    try:
+        time.sleep(3)
+        sink = sinks(address=address)
+        stderr = finish(master)
+        stderr += "".join(worker.communicate(timeout=30)[1] for worker in workers)
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    sink.stop()
+    assert_nothing_lost(sink.log_file, stderr, tmp_path, tag, processes=3)
+
+
+def test_two_sinks_one_killed_and_never_restarted_lose_nothing_together(tmp_path, tag, target, sinks):
+    first, second = sinks(name="first"), sinks(name="second")
+    locust = full_speed_locust(tmp_path, tag, target, f"{first.address},{second.address}", *two_processes())
+    try:
+        wait_for_full_speed(first)
+        first.proc.send_signal(signal.SIGSTOP)
+        time.sleep(1)
+        first.proc.kill()
+        first.proc.wait()
+    finally:
+        stderr = finish(locust)
+    second.stop()
+    assert not locust_processes(tag)
+    assert len(re.findall(r"all \d+ records acknowledged", stderr)) == 3, stderr
+    merged = assert_complete(first.log_file, second.log_file, processes=3)
+    assert report_counts_of(merged["runs"][0]) == locust_counts(json.loads((tmp_path / "stats.json").read_text()))
 
 
 def test_a_worker_killed_mid_run_is_named_as_not_ended(tmp_path, tag, target, sinks):
@@ -483,13 +616,20 @@ def test_the_two_commands_work_as_a_pair_with_no_settings(tmp_path, tag, target)
     code, stderr, _ = run_locust(tmp_path, tag, target, name="alone", settings={
         "ZMQ_SINK_ADDRESS": None, "ZMQ_SINK_FLUSH_TIMEOUT": "0.2"})
     assert code == 0, stderr
-    assert ("0 sent: no sink was reached at tcp://127.0.0.1:5555, the default address; start one there with "
-            "`python sink.py`, or set ZMQ_SINK_ADDRESS= (empty) to turn pushing off") in stderr
+    assert re.search(r"0 records acknowledged, 0 sent again; (\d+) not \(0 dropped: a full queue of 100000, or over "
+                     r"1 MiB; \1 unacknowledged after 0.2s\): no sink was reached at tcp://127.0.0.1:5555, the "
+                     r"default address; start one there with `python sink.py`, or set ZMQ_SINK_ADDRESS= \(empty\) to "
+                     r"turn pushing off", stderr), stderr
     with open(tmp_path / "sink.err", "w") as sink_stderr:
         sink = subprocess.Popen([sys.executable, str(REPO / "sink.py")], cwd=tmp_path, stderr=sink_stderr,
                                 env=environment(tag))
     try:
-        wait_for(lambda: "listening on tcp://0.0.0.0:5555" in (tmp_path / "sink.err").read_text(), what="the sink")
+        wait_for(lambda: "listening on tcp://127.0.0.1:5555 (acknowledgements on tcp://127.0.0.1:5556)" in
+                 (tmp_path / "sink.err").read_text(), what="the sink")
+        # On the loopback interface only: nobody on the network can write to it or read its acknowledgements.
+        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(sink.pid).net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening == {("127.0.0.1", 5555), ("127.0.0.1", 5556)}
         code, stderr, stats = run_locust(tmp_path, tag, target, settings={"ZMQ_SINK_ADDRESS": None})
         assert code == 0, stderr
         sink.send_signal(signal.SIGTERM)
@@ -499,6 +639,7 @@ def test_the_two_commands_work_as_a_pair_with_no_settings(tmp_path, tag, target)
         sink.wait()
     assert_same_counts(read_records(tmp_path / "requests.jsonl"), stats)
     assert_complete(tmp_path / "requests.jsonl", processes=1)
+    assert re.search(r"all \d+ records acknowledged, 0 sent again", stderr), stderr
 
 
 # --- across untrusted networks: CURVE ---------------------------------------------------------
@@ -563,9 +704,10 @@ def test_a_load_generator_without_an_accepted_key_delivers_nothing_and_says_why(
                            ("no keys", {"ZMQ_SINK_ADDRESS": sink.address, "ZMQ_SINK_FLUSH_TIMEOUT": "0.5"})):
         code, stderr, _ = run_locust(tmp_path, tag, target, name=name.replace(" ", "-"), settings=settings)
         assert code == 0, stderr
-        assert re.search(r"ZeroMQ sink tcp://127.0.0.1:\d+: (\d+) records not delivered \(0 dropped on a full queue of "
-                         r"100000, \1 still queued after 0.5s\); 0 sent: no sink completed a handshake with this "
-                         r"process \(none running there, or it refused this process's CURVE key", stderr), stderr
+        assert re.search(r"ZeroMQ sink tcp://127.0.0.1:\d+: 0 records acknowledged, 0 sent again; (\d+) not \(0 "
+                         r"dropped: a full queue of 100000, or over 1 MiB; \1 unacknowledged after 0.5s\): no sink "
+                         r"completed a handshake with this process \(none running there, or it refused this "
+                         r"process's CURVE key", stderr), stderr
         assert not sink.log_file.read_bytes(), name
     # Refused at every retry, 10 a second for seconds, and printed once.
     assert sink.stderr().count("sink: refused 127.0.0.1: its CURVE key is not in --curve-clients\n") == 1
@@ -585,7 +727,9 @@ def test_bad_settings_and_unusable_keys_stop_either_side_at_start_with_one_line(
     busy_address = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
     for flags, expected in [
         (["--bind", busy_address], f"sink: --bind {busy_address} (ZMQ_SINK_BIND): Address already in use"),
-        (["--bind", "garbage"], "sink: --bind garbage (ZMQ_SINK_BIND): Invalid argument"),
+        (["--bind", f"tcp://127.0.0.1:{busy.getsockname()[1] - 1}"], "sink: --bind tcp://127.0.0.1:"),  # acks' port
+        (["--bind", "garbage"], "sink: --bind garbage (ZMQ_SINK_BIND): not tcp://HOST:PORT, and acknowledgements go "
+                                "to the next port; expected tcp://HOST:PORT with PORT and PORT + 1 free"),
         (["--log-file", str(tmp_path / "missing" / "x.jsonl")],
          f"sink: --log-file {tmp_path / 'missing' / 'x.jsonl'} (ZMQ_SINK_LOG_FILE): No such file or directory; "
          "expected a file it can append to, in a folder that exists"),
@@ -616,11 +760,13 @@ def test_bad_settings_and_unusable_keys_stop_either_side_at_start_with_one_line(
 
     sink_public, secret = str(keys / "sink.key"), str(keys / "loadgen.key_secret")
     for settings, expected in [
-        ({"ZMQ_SINK_ADDRESS": "garbage"}, "request_log: ZMQ_SINK_ADDRESS='garbage': 'garbage' is not a ZeroMQ "
-                                          "address (Invalid argument (addr='garbage')); expected addresses such as "
+        ({"ZMQ_SINK_ADDRESS": "garbage"}, "request_log: ZMQ_SINK_ADDRESS='garbage': 'garbage' is not tcp://HOST:PORT, "
+                                          "and acknowledgements come from the next port; expected addresses such as "
                                           "tcp://10.0.0.5:5555, comma-separated; empty: no pushing"),
         ({"ZMQ_SINK_ADDRESS": "tcp://127.0.0.1:9, tcp://no-port"},
-         "request_log: ZMQ_SINK_ADDRESS='tcp://127.0.0.1:9, tcp://no-port': 'tcp://no-port' is not a ZeroMQ address"),
+         "request_log: ZMQ_SINK_ADDRESS='tcp://127.0.0.1:9, tcp://no-port': 'tcp://no-port' is not tcp://HOST:PORT"),
+        ({"ZMQ_SINK_ADDRESS": "tcp://127.0.0.1:5x"},
+         "request_log: ZMQ_SINK_ADDRESS='tcp://127.0.0.1:5x': 'tcp://127.0.0.1:5x' is not tcp://HOST:PORT"),
         ({"ZMQ_SINK_QUEUE": "abc"}, "request_log: ZMQ_SINK_QUEUE='abc': expected a whole number of records, 1 or more"),
         ({"ZMQ_SINK_QUEUE": "0"}, "request_log: ZMQ_SINK_QUEUE='0': expected a whole number of records, 1 or more"),
         ({"ZMQ_SINK_FLUSH_TIMEOUT": "soon"}, "request_log: ZMQ_SINK_FLUSH_TIMEOUT='soon': expected seconds, 0 or more"),
@@ -673,7 +819,7 @@ def test_sink_started_late_still_gets_every_record(tmp_path, tag, target, sinks)
     assert_same_counts(records, json.loads((tmp_path / "stats.json").read_text()))
     first = min(datetime.fromisoformat(r["time"].replace("Z", "+00:00")) for r in records)
     assert first < sink_started, "no record was made before the sink started, so nothing was queued"
-    assert "not delivered" not in stderr
+    assert re.search(r"all \d+ records acknowledged", stderr), stderr
 
 
 def test_sink_never_started_run_ends_and_reports_what_was_lost(tmp_path, tag, target):
@@ -688,8 +834,8 @@ def test_sink_never_started_run_ends_and_reports_what_was_lost(tmp_path, tag, ta
     records = read_records(local_file)
     assert_same_counts(records, stats)
     assert len(records) > queue_limit
-    reported = re.search(r"(\d+) records not delivered \((\d+) dropped on a full queue of (\d+), (\d+) still queued",
-                         stderr)
+    reported = re.search(r"0 records acknowledged, 0 sent again; (\d+) not \((\d+) dropped: a full queue of (\d+), "
+                         r"or over 1 MiB; (\d+) unacknowledged", stderr)
     assert reported, stderr
     undelivered, dropped, limit, queued = map(int, reported.groups())
     assert (undelivered, dropped, limit, queued) == (len(records), len(records) - queue_limit, queue_limit,
@@ -727,12 +873,14 @@ def test_stalled_sink_does_not_slow_the_run(tmp_path, tag, target):
     assert code == 0, stderr
     records = read_records(local_file)
     assert request_counts(records) == locust_counts(stats)
-    reported = re.search(r"(\d+) records not delivered \((\d+) dropped on a full queue of 10, (\d+) still queued.*; "
-                         r"(\d+) sent", stderr)
+    # A sink that takes frames but never acknowledges them: the records count as not acknowledged, and it says so.
+    reported = re.search(r"0 records acknowledged, \d+ sent again; (\d+) not \((\d+) dropped: a full queue of 10, or "
+                         r"over 1 MiB; (\d+) unacknowledged after [\d.]+s\): records were sent, but no sink "
+                         r"acknowledged any", stderr)
     assert reported, stderr
-    undelivered, dropped, queued, sent = map(int, reported.groups())
+    not_acknowledged, dropped, queued = map(int, reported.groups())
     assert dropped > 0 and queued == 10
-    assert undelivered + sent == len(records)
+    assert not_acknowledged == dropped + queued == len(records)
 
 
 # --- the record -------------------------------------------------------------------------------
@@ -857,7 +1005,7 @@ BAD_MESSAGES = {
     "pretty-printed, with a line that is an object": [b'{"outer":\n{"inner": 1}\n}'],
     "a batch with one bad line": [b'{"good": 1}\nnot json\n{"good": 2}'],
     "carriage return": [b'{"a": 1}\r'],
-    "huge": [b'{"a": "' + b"x" * (2 << 20) + b'"}'],
+    "huge": [b'{"a": "' + b"x" * ((1 << 20) - 8) + b'"}'],  # a line of 1 MiB + 1 byte: the largest frame
     "deeply nested": [b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
     "multipart garbage": [b"\x00\x01\x02", b"", b"{", b"\xc3\x28", b"]"],
 }
@@ -907,6 +1055,78 @@ def complete_lines(path):
     return text.splitlines() if text.endswith("\n") else []
 
 
+def test_a_plain_push_client_delivers_and_a_frame_over_the_limit_is_refused(tmp_path, tag, sinks):
+    sink = sinks()
+    record = b'{"pad":"' + b"x" * ((1 << 20) - 10) + b'"}'  # 1 MiB exactly, the longest record
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.connect(sink.address)
+        push.send(record + b"\n")  # the largest frame the sink takes: 1 MiB + 1 byte
+        push.send(b'{"n":1}\n{"n":2}')
+        wait_for(lambda: len(complete_lines(sink.log_file)) == 3, what="the plain client's records")
+        push.send(b"\n".join([b'{"n":3}', record[:1 << 19], record[1 << 19:]]))  # 1 MiB + 2 bytes
+        push.send(b'{"n":4}')  # after the refused frame, the same client, connected again
+        wait_for(lambda: len(complete_lines(sink.log_file)) == 4, what="the frame after the refused one")
+        summary = sink.stop()
+    assert complete_lines(sink.log_file)[1:] == ['{"n":1}', '{"n":2}', '{"n":4}']
+    assert re.search(r"4 records written .*, 0 frames rejected, 0 records sent again and already in the file, "
+                     r"[12] connections closed \(by their client, the network, or ZeroMQ for a frame over 1048577 "
+                     r"bytes\)", summary), summary
+
+
+FLOODER = """
+import sys, time, zmq
+address, connections, seconds, *sizes = sys.argv[1:]
+line = b'{"n":1,"pad":"' + b"x" * 280 + b'"}'
+frames = [b"\\n".join([line] * (int(size) // (len(line) + 1))) for size in sizes]
+context = zmq.Context()
+pushes = [context.socket(zmq.PUSH) for _ in range(int(connections))]
+for push in pushes:
+    push.connect(address)
+deadline, n = time.monotonic() + float(seconds), 0
+while time.monotonic() < deadline:
+    for push in pushes:
+        try:
+            push.send(frames[n % len(frames)], zmq.NOBLOCK, copy=False)
+            n += 1
+        except zmq.Again:
+            pass
+    time.sleep(0.001)
+for push in pushes:
+    push.close(linger=0)
+context.term()
+"""
+
+
+def peak_rss_while_flooded(sink, tag, connections, *frame_sizes, seconds=5):
+    """The sink's peak RSS (VmHWM) while that many connections push frames of those sizes as fast as they can."""
+    flooder = subprocess.Popen([sys.executable, "-c", FLOODER, sink.address, str(connections), str(seconds),
+                                *map(str, frame_sizes)], env=environment(tag))
+    try:
+        assert flooder.wait(timeout=seconds + 60) == 0
+    finally:
+        flooder.kill()
+        flooder.wait()
+    status = Path(f"/proc/{sink.proc.pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+
+
+def test_the_sinks_memory_has_one_bound_for_huge_frames(tmp_path, tag, sinks):
+    sink = sinks(log_file=Path("/dev/null"))  # written at full speed
+    peak = peak_rss_while_flooded(sink, tag, 8, 60_000_000, 16_000_000, 4_000_000, 1_000_000)
+    summary = sink.stop()
+    assert peak <= 256 << 20, f"peak RSS {peak >> 20} MB"
+    written, closed = map(int, re.search(r"(\d+) records written .* (\d+) connections closed", summary).groups())
+    assert written > 0 and closed > 8, summary  # 1 MB frames were written, larger ones refused
+
+
+def test_the_sinks_memory_has_one_bound_while_its_file_refuses_writes(tmp_path, tag, sinks):
+    sink = sinks(file_size_limit=20_000)
+    peak = peak_rss_while_flooded(sink, tag, 100, 1000 * 300)  # frames of 1000 records from 100 connections
+    assert "sink: cannot write to" in sink.stderr()
+    sink.stop()
+    assert peak <= 256 << 20, f"peak RSS {peak >> 20} MB"
+
+
 # --- stopping the sink ------------------------------------------------------------------------
 
 PUSHER = """
@@ -940,7 +1160,7 @@ def test_signal_while_streaming_leaves_whole_lines_and_a_summary(tmp_path, tag, 
     assert f"stopped by {signal.Signals(signum).name}" in summary
 
 
-def test_sink_appends_never_truncates_and_ends_a_line_cut_short(tmp_path, tag, sinks):
+def test_sink_appends_and_cuts_only_an_incomplete_last_line(tmp_path, tag, sinks):
     first = sinks()
     with zmq.Context() as context, context.socket(zmq.PUSH) as push:
         push.connect(first.address)
@@ -957,11 +1177,11 @@ def test_sink_appends_never_truncates_and_ends_a_line_cut_short(tmp_path, tag, s
         with open(second.log_file, "ab") as log_file:
             log_file.write(b'{"run": 3, "cut sh')
         third = sinks(address=first.address)
-        assert "(its last line was incomplete: ended it with a line break)" in third.stderr()
+        assert "(cut its incomplete last line, 18 bytes, never acknowledged)" in third.stderr()
         push.send(b'{"run": 4}')
         wait_for(lambda: third.log_file.read_bytes().endswith(b"\n{\"run\": 4}\n"), what="the fourth record")
     assert "1 records written" in third.stop()
-    assert third.log_file.read_bytes() == b'{"run": 1}\n{"run": 2}\n{"run": 3, "cut sh\n{"run": 4}\n'
+    assert third.log_file.read_bytes() == b'{"run": 1}\n{"run": 2}\n{"run": 4}\n'
 
 
 def test_a_full_disk_stalls_the_sink_and_loses_nothing(tmp_path, tag, target, sinks):
@@ -980,7 +1200,7 @@ def test_a_full_disk_stalls_the_sink_and_loses_nothing(tmp_path, tag, target, si
         locust.kill()
         locust.wait()
     assert locust.returncode == 0, stderr
-    assert "not delivered" not in stderr, "the load generator held the records while the sink could not write"
+    assert re.search(r"all \d+ records acknowledged", stderr), "the load generator held the records meanwhile"
     summary = sink.stop()
     assert re.search(r"sink: cannot write to \S+: File too large; holding \d+ records and taking no more until it "
                      r"can\n", summary), summary
