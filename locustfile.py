@@ -3,21 +3,22 @@ Log every Locust request as one JSON line: to a local file, and over ZeroMQ to `
 
 Usage::
 
-    python sink.py                  # listens on tcp://*:5555, appends to requests.jsonl
-    locust -f locustfile.py         # pushes every record to tcp://127.0.0.1:5555
+    python sink.py                  # listens on tcp://127.0.0.1:5555, appends to requests.jsonl
+    locust -f locustfile.py         # pushes every record there, until the sink acknowledges it
     python report.py requests.jsonl # is every record there? the percentiles
 
-Across machines, set ZMQ_SINK_ADDRESS=tcp://10.0.0.5:5555 on each load generator; ZMQ_SINK_ADDRESS= (empty)
-turns pushing off.
+Across machines, run ``python sink.py --bind 'tcp://*:5555'`` and set ZMQ_SINK_ADDRESS=tcp://10.0.0.5:5555 on each
+load generator; ZMQ_SINK_ADDRESS= (empty) turns pushing off.
 
 Settings (environment variables):
 
 ``LOCUST_LOG_FILE``           local JSON-lines file; unset: none. A worker process writes
                               ``<name>.<worker>.jsonl`` instead, so no two processes share a file.
-``ZMQ_SINK_ADDRESS``          where ``sink.py`` listens (``tcp://127.0.0.1:5555``, its default); empty: no pushing.
-                              Several sinks, comma-separated: ZeroMQ spreads the frames among those connected.
-``ZMQ_SINK_QUEUE``            records a process holds while the sink is unreachable or slow (100000).
-``ZMQ_SINK_FLUSH_TIMEOUT``    seconds a process spends delivering its queue when it quits (2).
+``ZMQ_SINK_ADDRESS``          where ``sink.py`` listens (``tcp://127.0.0.1:5555``, its default), acknowledging on the
+                              next port; empty: no pushing. Several sinks, comma-separated: ZeroMQ spreads the frames
+                              among those connected.
+``ZMQ_SINK_QUEUE``            records a process holds until a sink acknowledges them (100000).
+``ZMQ_SINK_FLUSH_TIMEOUT``    seconds a process waits for acknowledgements when it quits (2).
 ``ZMQ_SINK_CURVE_PUBLIC``     with CURVE: the sink's public ``.key`` file (``python sink.py --make-keys``).
 ``LOCUST_CURVE_SECRET``       with CURVE: this load generator's ``.key_secret`` file. Set both, or neither.
 ``HOST``                      the ``hostname`` label on records (default: this machine's host name).
@@ -47,7 +48,8 @@ The last record of a process that quits cleanly, after its users have stopped, s
 
     {"class": "end", "records": 1234, "requests": 1200, "dropped": 0}
 
-``records`` counts this one too, so it equals its ``seq``; ``dropped``: records its full queue refused.
+``records`` counts this one too, so it equals its ``seq``; ``dropped``: records its full queue refused, or
+over 1 MiB.
 Everything above ``class WebsiteUser`` can be copied into another locustfile as it is; it needs Locust
 and pyzmq, and uses orjson, if installed, to encode ~10 times faster.
 """
@@ -449,13 +451,13 @@ class ZmqPushHandler(LinesHandler):
             report = logging.getLogger(__name__)
             if self.made > self.acked:
                 report.warning(
-                    "ZeroMQ sink %s: %d records acknowledged, %d not (%d dropped: a full queue of %d, or over 1 MiB; "
-                    "%d unacknowledged after %.1fs); %d sent again%s",
-                    self.address, self.acked, self.made - self.acked, self.dropped, self.queue_limit, self.queued,
-                    self.flush_timeout, self.resent, self.why_not_acknowledged(),
+                    "ZeroMQ sink %s: %d records acknowledged, %d sent again; %d not (%d dropped: a full queue of %d, "
+                    "or over 1 MiB; %d unacknowledged after %.1fs)%s",
+                    self.address, self.acked, self.resent, self.made - self.acked, self.dropped, self.queue_limit,
+                    self.queued, self.flush_timeout, self.why_not_acknowledged(),
                 )
             elif self.made:
-                report.info("ZeroMQ sink %s: all %d records acknowledged; %d sent again", self.address, self.acked,
+                report.info("ZeroMQ sink %s: all %d records acknowledged, %d sent again", self.address, self.acked,
                             self.resent)
         super().close()
 

@@ -9,14 +9,15 @@ Usage::
 Framing: every frame of a message holds one record, or several separated by line breaks (\\n), each a
 JSON object in UTF-8; a final line break is allowed. A frame is written whole, as it came, or rejected
 whole and counted by reason: empty, an empty line, a carriage return, a line over 1 MiB, not UTF-8, not
-JSON (NaN and Infinity included), or JSON but not an object. Rejecting whole frames means a fragment of a
-bad message, such as one line of a pretty-printed object, can never pass for a record. Records are
-appended in arrival order, not time order.
+JSON (NaN and Infinity included), JSON but not an object, or numbered unlike its records. Rejecting whole
+frames means a fragment of a bad message, such as one line of a pretty-printed object, can never pass for a
+record. ZeroMQ drops the connection of a client that sends a frame over 1 MiB + 1 byte. Records are appended
+in arrival order, not time order.
 
 A message of two frames whose first is ``<seq> <worker>`` (as the locustfile sends) is numbered: its
 records are that process's records seq, seq + 1, ... The sink writes only those its file does not hold yet,
-then publishes ``[worker, b"<seq> <count>"]`` on a PUB socket at the next port (``tcp://*:5556``), where
-the load generator subscribes to its own worker id: the acknowledgement that lets it forget them.
+then publishes ``[worker, b"<seq> <count>"]`` on a PUB socket at the next port (5556), where the load
+generator subscribes to its own worker id: the acknowledgement that lets it forget them.
 
 Each valid frame goes to the file in one unbuffered write before it is counted or acknowledged: a reader
 sees every counted record, and a sink killed at any moment leaves at most its last line incomplete. A sink
@@ -69,7 +70,7 @@ def ack_address(address):
     """Where a sink at `address` publishes its acknowledgements: the next port (the locustfile has the same rule)."""
     head, colon, port = address.rpartition(":")
     if not (address.startswith("tcp://") and colon and port.isdigit() and 0 < int(port) < 65535):
-        raise ValueError("expected tcp://HOST:PORT, as acknowledgements go to the next port")
+        raise ValueError("not tcp://HOST:PORT, and acknowledgements go to the next port")
     return f"{head}:{int(port) + 1}"
 
 
