@@ -413,16 +413,17 @@ class ZmqPushHandler(LinesHandler):
         while True:
             try:
                 worker, ack = self.acks.recv_multipart(zmq.NOBLOCK)
-                first, count = map(int, ack.split())
+                numbers = list(map(int, ack.split()))  # b"<first seq> <count> <first seq> <count> ..."
             except zmq.Again:
                 return
             except ValueError:
                 continue  # not an acknowledgement
-            frame = self.unacked.get(first) if worker == self.worker else None  # not a longer id that starts with ours
-            if frame is not None and frame.count == count:
-                del self.unacked[first]
-                self.acked += count
-                self.queued -= count
+            for first, count in zip(numbers[::2], numbers[1::2]) if worker == self.worker else ():  # not a longer id
+                frame = self.unacked.get(first)
+                if frame is not None and frame.count == count:
+                    del self.unacked[first]
+                    self.acked += count
+                    self.queued -= count
 
     def why_not_acknowledged(self):
         if self.sent:
