@@ -143,31 +143,46 @@ def serve(port):
     StreamServer(("127.0.0.1", int(port)), handle).serve_forever()
 
 
-def sample_frame(n=RECORDS_PER_FRAME):
-    """Records shaped like the locustfile's, with varying values, joined as the handler joins them."""
-    now = time.time()
-    records = [json.dumps({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{i % 1000:03d}Z",
-        "loglevel": "INFO", "hostname": "loadgen-1", "worker": "loadgen-1_5f0c3b9e2d7a4c51a8e6f0b1c2d3e4f5",
-        "run_id": "20261128T161020Z-9c1e04d2",
-        "message": {"class": "request", "request_type": "GET", "name": "/", "result": "success",
-                    "response_time": 1.5 + i / 997, "response_length": 5, "start_time": now + i / 1000,
-                    "url": "http://127.0.0.1:8000/", "other": {}},
-    }).encode() for i in range(n)]
-    return b"\n".join(records)
+def sample_messages(records, worker):
+    """Messages as the locustfile sends them: [b"<first seq> <worker>", frame], the records shaped like its
+    own (compact JSON, varying values), made before the clock starts."""
+    now, head = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time()))
+    line = ('{"time":"%s.%%03dZ","loglevel":"INFO","hostname":"loadgen-1","worker":"%s",'
+            '"run_id":"20261128T161020Z-9c1e04d2","seq":%%d,"message":{"class":"request","request_type":"GET",'
+            '"name":"/","result":"success","response_time":%%r,"response_length":5,"start_time":%%r,'
+            '"url":"http://127.0.0.1:8000/","other":{}}}' % (head, worker)).encode()
+    return [[b"%d %s" % (first, worker.encode()),
+             b"\n".join(line % (seq % 1000, seq, 1.5 + seq % 997 / 997, now + seq / 1000)
+                        for seq in range(first, first + RECORDS_PER_FRAME))]
+            for first in range(1, records + 1, RECORDS_PER_FRAME)]
 
 
-def push(addresses, records, keys=None):
-    frame = sample_frame()
-    with zmq.Context() as context, context.socket(zmq.PUSH) as pusher:
-        if keys:  # encrypt as a load generator does
-            pusher.curve_serverkey = zmq.auth.load_certificate(Path(keys) / "sink.key")[0]
-            pusher.curve_publickey, pusher.curve_secretkey = zmq.auth.load_certificate(
+def push(addresses, records, numbered, keys=None):
+    """Send `records` as fast as ZeroMQ takes them; numbered, also count the acknowledgements that come back."""
+    worker = f"loadgen-1_{os.getpid():032x}"
+    messages = sample_messages(int(records), worker)
+    with zmq.Context() as context, context.socket(zmq.PUSH) as pusher, context.socket(zmq.SUB) as acks:
+        acks.rcvhwm = 0  # keep every acknowledgement until counted
+        acks.subscribe(worker.encode())
+        for socket_ in (pusher, acks) if keys else ():  # encrypt as a load generator does
+            socket_.curve_serverkey = zmq.auth.load_certificate(Path(keys) / "sink.key")[0]
+            socket_.curve_publickey, socket_.curve_secretkey = zmq.auth.load_certificate(
                 Path(keys) / "loadgen.key_secret")
         for address in addresses.split(","):
             pusher.connect(address)
-        for _ in range(int(records) // RECORDS_PER_FRAME):
-            pusher.send(frame)
+            acks.connect(f"{address.rsplit(':', 1)[0]}:{int(address.rsplit(':', 1)[1]) + 1}")
+        print("ready", flush=True)  # the subscriptions reach the sinks meanwhile
+        sys.stdin.readline()  # all pushers start together, none still making its messages
+        for message in messages:
+            if numbered == "numbered":
+                pusher.send_multipart(message)
+            else:
+                pusher.send(message[1])
+        acknowledged, deadline = 0, time.monotonic() + 60
+        while numbered == "numbered" and acknowledged < int(records) and time.monotonic() < deadline:
+            if acks.poll(1000):
+                acknowledged += sum(map(int, acks.recv_multipart()[1].split()[1::2]))
+        print(json.dumps({"acknowledged": acknowledged}), flush=True)
         pusher.close(linger=-1)
 
 
@@ -238,13 +253,24 @@ def without_accelerators(workdir):
     return dict(os.environ, PYTHONPATH=str(shadow))
 
 
-def start_pushers(addresses, keys=None):
+def start_pushers(addresses, numbered=True, keys=None):
     return [subprocess.Popen([sys.executable, __file__, "push", ",".join(addresses), str(RECORDS_PER_PUSHER),
-                              *([str(keys)] if keys else [])],
-                             preexec_fn=on_core(HELPER_CORE)) for _ in range(PUSHERS)]
+                              "numbered" if numbered else "plain", *([str(keys)] if keys else [])],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=on_core(HELPER_CORE))
+            for _ in range(PUSHERS)]
 
 
-def sink_run(workdir, env, cores=(MEASURED_CORE,), keys=None):
+def go(pushers):
+    """Start the pushers' clocks together, once each has made its messages and connected."""
+    for pusher in pushers:
+        assert pusher.stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # the last one's subscriptions reach the sinks
+    for pusher in pushers:
+        pusher.stdin.write("go\n")
+        pusher.stdin.flush()
+
+
+def sink_run(workdir, env, cores=(MEASURED_CORE,), keys=None, numbered=True):
     """One sink.py on each of the cores; the pushers spread their frames over them."""
     addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in cores]
     outs = [workdir / f"sink{n}.jsonl" for n in range(len(cores))]
@@ -256,7 +282,8 @@ def sink_run(workdir, env, cores=(MEASURED_CORE,), keys=None):
     while not all("listening on" in stderr.read_text() for stderr in stderrs):
         time.sleep(0.05)
     rss = []
-    pushers = start_pushers(addresses, keys)
+    pushers = start_pushers(addresses, numbered, keys)
+    go(pushers)
     process = psutil.Process(sinks[0].pid)
     # The sinks' progress lines show when they have written everything; each one's rate is from its first
     # to its last arrival, and they start together, so together they wrote everything in the longest time.
@@ -264,8 +291,7 @@ def sink_run(workdir, env, cores=(MEASURED_CORE,), keys=None):
               for stderr in stderrs) < PUSHERS * RECORDS_PER_PUSHER:
         rss.append(process.memory_info().rss)
         time.sleep(0.5)
-    for p in pushers:
-        p.wait()
+    acknowledged = sum(json.loads(p.communicate()[0])["acknowledged"] for p in pushers)
     written, seconds, parsed = 0, 0.0, 0
     for sink, out, stderr in zip(sinks, outs, stderrs):
         sink.send_signal(signal.SIGTERM)
@@ -275,7 +301,8 @@ def sink_run(workdir, env, cores=(MEASURED_CORE,), keys=None):
         with open(out, "rb") as lines:
             parsed += sum(1 for line in lines if isinstance(json.loads(line), dict))
         out.unlink()
-    return {"records": written, "seconds": seconds, "parsed": parsed, "rss": rss}
+    return {"records": written, "seconds": seconds, "parsed": parsed, "rss": rss,
+            "acknowledged": acknowledged if numbered else written}
 
 
 def bare_run():
@@ -284,10 +311,11 @@ def bare_run():
     pull = subprocess.Popen([sys.executable, __file__, "bare-pull", address, str(expected)],
                             stdout=subprocess.PIPE, text=True, preexec_fn=on_core(MEASURED_CORE))
     assert pull.stdout.readline().strip() == "ready"
-    pushers = start_pushers([address])
+    pushers = start_pushers([address], numbered=False)
+    go(pushers)
     result = json.loads(pull.stdout.readline())
     for p in pushers + [pull]:
-        p.wait()
+        p.communicate()
     return result
 
 
@@ -355,6 +383,27 @@ def report_run(files, env):
     return {"seconds": time.monotonic() - started, "max_rss": usage.ru_maxrss * 1024}
 
 
+def sink_start(collected):
+    """Seconds from starting sink.py on a collected file until its first record is written: it reads back
+    which records the file holds first."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    size = collected.stat().st_size
+    started = time.monotonic()
+    sink = subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--bind", address, "--log-file", str(collected)],
+                            stderr=subprocess.PIPE, text=True, preexec_fn=on_core(MEASURED_CORE))
+    with zmq.Context() as context, context.socket(zmq.PUSH) as pusher:
+        pusher.connect(address)
+        pusher.send(b'{"first": "record"}')
+        while collected.stat().st_size == size:
+            time.sleep(0.005)
+        took = time.monotonic() - started
+    sink.send_signal(signal.SIGTERM)
+    start_line = sink.communicate()[1].splitlines()[0]
+    with open(collected, "r+b") as restore:  # the report's file as it was
+        restore.truncate(size)
+    return took, start_line
+
+
 def bytes_as_dicts(collected, records=100_000):
     """Memory a record takes when read with json.loads and kept, as any list-of-dicts reader keeps it."""
     process = psutil.Process()
@@ -387,10 +436,11 @@ def main():
             print(f"part 1 with CURVE: hook cost, {args.rounds} runs", file=sys.stderr)
             curve_cycles = hook_cost(workdir, host, args.rounds, keys)
             print("part 2: sink ceiling", file=sys.stderr)
-            bares, sinks, curve_sinks, two_sinks, plain_sinks = [], [], [], [], []
+            bares, sinks, unacknowledged, curve_sinks, two_sinks, plain_sinks = [], [], [], [], [], []
             for _ in range(args.sink_rounds):
                 bares.append(bare_run())
                 sinks.append(sink_run(workdir, os.environ))
+                unacknowledged.append(sink_run(workdir, os.environ, numbered=False))
                 curve_sinks.append(sink_run(workdir, os.environ, keys=keys))
                 two_sinks.append(sink_run(workdir, os.environ, cores=(MEASURED_CORE, HELPER_CORE)))
                 plain_sinks.append(sink_run(workdir, without_accelerators(workdir)))
@@ -407,6 +457,8 @@ def main():
                     report_run([collected, collected], os.environ))
             collected_bytes = collected.stat().st_size
             dict_bytes = bytes_as_dicts(collected)
+            print("part 5: a sink starting on the collected file", file=sys.stderr)
+            starts = [sink_start(collected) for _ in range(args.sink_rounds)]
         finally:
             target.kill()
             target.wait()
@@ -436,15 +488,18 @@ def main():
     print("| loop | records/s | worker-equivalents | of the bare loop |")
     print("|---|---|---|---|")
     print(f"| bare PULL loop (receive, count, discard) | {bare_rate:,.0f} | {bare_rate / worker_rate:.0f} | 100% |")
-    for label, runs_of_sink in (("sink.py with simdjson", sinks), ("sink.py with simdjson, CURVE", curve_sinks),
+    for label, runs_of_sink in (("sink.py with simdjson", sinks),
+                                ("sink.py with simdjson, frames without numbers: not acknowledged", unacknowledged),
+                                ("sink.py with simdjson, CURVE", curve_sinks),
                                 ("two sink.py with simdjson, one a core", two_sinks),
                                 ("sink.py, json module only", plain_sinks)):
         rate = statistics.median(s["records"] / s["seconds"] for s in runs_of_sink)
         print(f"| {label} (validate, write) | {rate:,.0f} | {rate / worker_rate:.0f} | {rate / bare_rate:.0%} |")
-    every_line = all(s["parsed"] == s["records"] == PUSHERS * RECORDS_PER_PUSHER
-                     for s in sinks + curve_sinks + two_sinks + plain_sinks)
+    every_line = all(s["parsed"] == s["records"] == s["acknowledged"] == PUSHERS * RECORDS_PER_PUSHER
+                     for s in sinks + unacknowledged + curve_sinks + two_sinks + plain_sinks)
     print(f"(one worker-equivalent = {worker_rate:.0f} requests/s, the median no-hooks rate above; every line "
-          f"written, in every run, parsed as a JSON object with json.loads: {every_line})")
+          f"written, in every run, parsed as a JSON object with json.loads, and every numbered record was "
+          f"acknowledged to its pusher: {every_line})")
 
     mb = 1 << 20
     rss = sinks[-1]["rss"]
@@ -465,6 +520,8 @@ def main():
         print(f"| {label} | {seconds:.1f} | {lines / seconds:,.0f} | {peak / mb:.0f} MB |")
     print(f"(the same records kept as dicts from json.loads: {dict_bytes / 1000:.1f} kB each over the first 100,000, "
           f"so {dict_bytes * REPORT_RECORDS / 1e9:.1f} GB for the file)")
+    print(f"\nSink start on that file: {statistics.median(took for took, _ in starts):.1f} s to its first write "
+          f"(median of {len(starts)}: {', '.join(f'{took:.2f}' for took, _ in starts)}); it said: {starts[-1][1]}")
 
 
 def platform_line():

@@ -173,6 +173,9 @@ class Seqs:
         return parts
 
     def add(self, start, end):
+        if self.ends and self.ends[-1] == start:  # the next records in order, as they almost always come
+            self.ends[-1] = end
+            return
         i, j = bisect_left(self.ends, start), bisect_right(self.starts, end)  # the ranges it touches
         if i < j:
             start, end = min(start, self.starts[i]), max(end, self.ends[j - 1])
@@ -189,19 +192,18 @@ def open_log(path):
         # line break instead, it would be an unreadable line forever.
         start = max(0, end - MAX_FRAME_BYTES)
         end = start + os.pread(out.fileno(), end - start, start).rfind(b"\n") + 1
+    note = ""
+    if end < size:
+        os.ftruncate(out.fileno(), end)
+        note = f" (cut its incomplete last line, {size - end} bytes, never acknowledged)"
     held = defaultdict(Seqs)
     started = time.monotonic()
     with open(path, "rb") as lines:
-        for line in lines:
-            if lines.tell() > end:
-                break
-            numbered = record_id(line[:-1])
+        for numbered in map(record_id, lines):
             if numbered is not None:
                 held[numbered[0]].add(numbered[1], numbered[1] + 1)
-    note = f" (holding records of {len(held)} processes, read in {time.monotonic() - started:.1f}s)" if size else ""
-    if end < size:
-        os.ftruncate(out.fileno(), end)
-        note += f" (cut its incomplete last line, {size - end} bytes, never acknowledged)"
+    if size:
+        note = f" (holding records of {len(held)} processes, read in {time.monotonic() - started:.1f}s)" + note
     return out, held, note
 
 
