@@ -331,7 +331,7 @@ def queue_memory(workdir, host, queue_limit=20_000, seconds=16):
         except psutil.NoSuchProcess:
             break
         time.sleep(1)
-    report = [line for line in run.stderr.read().splitlines() if "not delivered" in line]
+    report = [line for line in run.stderr.read().splitlines() if "records acknowledged" in line]
     return rss, report[0].split(": ", 1)[1] if report else "no report"
 
 
