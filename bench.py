@@ -282,15 +282,19 @@ def sink_run(workdir, env, cores=(MEASURED_CORE,), keys=None, numbered=True):
     while not all("listening on" in stderr.read_text() for stderr in stderrs):
         time.sleep(0.05)
     rss = []
+    processes = [psutil.Process(sink.pid) for sink in sinks]
+    # CPU time (both threads) as well as the rate: the rate moves by a third between runs on this VM.
+    cpu_before = sum(sum(p.cpu_times()[:2]) for p in processes)
     pushers = start_pushers(addresses, numbered, keys)
     go(pushers)
-    process = psutil.Process(sinks[0].pid)
+    process = processes[0]
     # The sinks' progress lines show when they have written everything; each one's rate is from its first
     # to its last arrival, and they start together, so together they wrote everything in the longest time.
     while sum(max(map(int, re.findall(r"sink: (\d+) records", stderr.read_text())), default=0)
               for stderr in stderrs) < PUSHERS * RECORDS_PER_PUSHER:
         rss.append(process.memory_info().rss)
         time.sleep(0.5)
+    cpu = sum(sum(p.cpu_times()[:2]) for p in processes) - cpu_before
     acknowledged = sum(json.loads(p.communicate()[0])["acknowledged"] for p in pushers)
     written, seconds, parsed = 0, 0.0, 0
     for sink, out, stderr in zip(sinks, outs, stderrs):
@@ -301,7 +305,7 @@ def sink_run(workdir, env, cores=(MEASURED_CORE,), keys=None, numbered=True):
         with open(out, "rb") as lines:
             parsed += sum(1 for line in lines if isinstance(json.loads(line), dict))
         out.unlink()
-    return {"records": written, "seconds": seconds, "parsed": parsed, "rss": rss,
+    return {"records": written, "seconds": seconds, "parsed": parsed, "rss": rss, "cpu": cpu,
             "acknowledged": acknowledged if numbered else written}
 
 
@@ -485,16 +489,18 @@ def main():
     bare_rate = statistics.median(b["records"] / b["seconds"] for b in bares)
     print(f"\nSink ceiling: {PUSHERS} pushers x {RECORDS_PER_PUSHER} records, {RECORDS_PER_FRAME} records a frame; "
           f"median of {args.sink_rounds}")
-    print("| loop | records/s | worker-equivalents | of the bare loop |")
-    print("|---|---|---|---|")
-    print(f"| bare PULL loop (receive, count, discard) | {bare_rate:,.0f} | {bare_rate / worker_rate:.0f} | 100% |")
+    print("| loop | records/s | worker-equivalents | of the bare loop | sink CPU per record |")
+    print("|---|---|---|---|---|")
+    print(f"| bare PULL loop (receive, count, discard) | {bare_rate:,.0f} | {bare_rate / worker_rate:.0f} | 100% | |")
     for label, runs_of_sink in (("sink.py with simdjson", sinks),
                                 ("sink.py with simdjson, frames without numbers: not acknowledged", unacknowledged),
                                 ("sink.py with simdjson, CURVE", curve_sinks),
                                 ("two sink.py with simdjson, one a core", two_sinks),
                                 ("sink.py, json module only", plain_sinks)):
         rate = statistics.median(s["records"] / s["seconds"] for s in runs_of_sink)
-        print(f"| {label} (validate, write) | {rate:,.0f} | {rate / worker_rate:.0f} | {rate / bare_rate:.0%} |")
+        cpu = statistics.median(s["cpu"] / s["records"] * 1e6 for s in runs_of_sink)
+        print(f"| {label} (validate, write) | {rate:,.0f} | {rate / worker_rate:.0f} | {rate / bare_rate:.0%} | "
+              f"{cpu:.2f} µs |")
     every_line = all(s["parsed"] == s["records"] == s["acknowledged"] == PUSHERS * RECORDS_PER_PUSHER
                      for s in sinks + unacknowledged + curve_sinks + two_sinks + plain_sinks)
     print(f"(one worker-equivalent = {worker_rate:.0f} requests/s, the median no-hooks rate above; every line "

@@ -1065,6 +1065,43 @@ def complete_lines(path):
     return text.splitlines() if text.endswith("\n") else []
 
 
+def test_a_sink_that_does_not_acknowledge_still_gets_every_record(tmp_path, tag, target):
+    # As a sink.py from before acknowledgements: a PULL socket that takes every frame, and no PUB beside it.
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    port = free_port()
+    pull.bind(f"tcp://127.0.0.1:{port}")
+    frames, stop = [], threading.Event()
+
+    def take():
+        while not stop.is_set():
+            if pull.poll(50):
+                frames.extend(pull.recv_multipart())
+
+    reader = threading.Thread(target=take)
+    reader.start()
+    try:
+        code, stderr, stats = run_locust(tmp_path, tag, target, settings={
+            "ZMQ_SINK_ADDRESS": f"tcp://127.0.0.1:{port}", "ZMQ_SINK_FLUSH_TIMEOUT": "0.5"})
+    finally:
+        stop.set()
+        reader.join()
+        pull.close(linger=0)
+        context.term()
+    assert code == 0, stderr
+    received = {}  # (worker, seq) -> record: the frames that a frame's header names are skipped, copies merged
+    for frame in frames:
+        if frame.startswith(b"{"):
+            for record in map(json.loads, frame.split(b"\n")):
+                received[(record["worker"], record["seq"])] = record
+    assert_same_counts(list(received.values()), stats)
+    reported = re.search(r"0 records acknowledged, \d+ sent again; (\d+) not \(0 dropped: a full queue of 100000, or "
+                         r"over 1 MiB; \1 unacknowledged after 0.5s\): records were sent, but no sink acknowledged "
+                         r"any", stderr)
+    assert reported, stderr
+    assert int(reported.group(1)) == len(received), "every record made was received, and none acknowledged"
+
+
 def test_a_plain_push_client_delivers_and_a_frame_over_the_limit_is_refused(tmp_path, tag, sinks):
     sink = sinks()
     record = b'{"pad":"' + b"x" * ((1 << 20) - 10) + b'"}'  # 1 MiB exactly, the longest record
