@@ -437,6 +437,14 @@ def wait_for_full_speed(sink):
     wait_for(lambda: len(re.findall(r"sink: \d+ records \(", sink.stderr())) >= 2, what="records at full speed")
 
 
+def kill_frozen(sink):
+    """Its host freezes for a second, then the sink dies: what sat in its buffers dies with it."""
+    sink.proc.send_signal(signal.SIGSTOP)
+    time.sleep(1)
+    sink.proc.kill()
+    sink.proc.wait()
+
+
 def reset_connections(port):
     """Reset every TCP connection to the sink's two ports, both ends, as a network fault does."""
     reset = subprocess.run(["ss", "-K", "-t", f"( sport = :{port} or dport = :{port} or sport = :{port + 1} or "
@@ -465,10 +473,7 @@ def test_a_sink_killed_and_started_again_on_its_file_loses_nothing(tmp_path, tag
     locust = full_speed_locust(tmp_path, tag, target, sink.address, *two_processes())
     try:
         wait_for_full_speed(sink)
-        sink.proc.send_signal(signal.SIGSTOP)
-        time.sleep(1)
-        sink.proc.kill()
-        sink.proc.wait()
+        kill_frozen(sink)
         time.sleep(2)
         restarted = sinks(address=sink.address)  # on the same file
     finally:
@@ -561,10 +566,7 @@ def test_two_sinks_one_killed_and_never_restarted_lose_nothing_together(tmp_path
     locust = full_speed_locust(tmp_path, tag, target, f"{first.address},{second.address}", *two_processes())
     try:
         wait_for_full_speed(first)
-        first.proc.send_signal(signal.SIGSTOP)
-        time.sleep(1)
-        first.proc.kill()
-        first.proc.wait()
+        kill_frozen(first)
     finally:
         stderr = finish(locust)
     second.stop()
