@@ -296,8 +296,9 @@ class Sink:
         return True
 
     def acknowledge(self):
-        """Publish what was written since the last call: one message per process, a tenth of the cost of one
-        per frame. PUB never blocks: it drops for a subscriber that is gone or behind, which then sends again."""
+        """Publish what was written since the last call, one message per process: a message per frame cost
+        0.6 µs a record in bench.py. PUB never blocks: it drops for a subscriber that is gone or behind, which
+        then sends again."""
         for worker, acks in self.acks_due.items():
             self.acks.send_multipart([worker, b" ".join(acks)])
         self.acks_due.clear()
@@ -324,8 +325,8 @@ class Sink:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.rejected.items()))
         return (f"{self.written} records written in {seconds:.2f}s ({rate:.0f}/s), "
                 f"{sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else "")
-                + f", {self.resent} records sent again and already in the file, {self.dropped_connections} "
-                  f"connections closed (by their client, the network, or ZeroMQ for a frame over {MAX_FRAME_BYTES} bytes)"
+                + f", {self.resent} records sent again and already in the file, {self.dropped_connections} connections "
+                  f"closed (by their client, the network, or ZeroMQ for a frame over {MAX_FRAME_BYTES} bytes)"
                 + (f", {self.held_records()} records received but not written: the file refused them" if self.held
                    else ""))
 
