@@ -560,7 +560,7 @@ class RequestLog:
             self.write_pending()
         # The last record says how many this process made, itself included: a reader of any file can then
         # tell whether it holds all of them. Straight to the handlers, like requests, whatever the logger's
-        # level. Records dropped after it, or still queued, are logged below.
+        # level. Records dropped after it, or not acknowledged, are counted in the push handler's last line.
         end = self.formatter.to_json(time.time(), "INFO", {
             "class": "end", "records": self.formatter.seq + 1, "requests": self.requests,
             "dropped": self.pusher.dropped if self.pusher else 0})
