@@ -418,7 +418,9 @@ class ZmqPushHandler(LinesHandler):
                 return
             except ValueError:
                 continue  # not an acknowledgement
-            for first, count in zip(numbers[::2], numbers[1::2]) if worker == self.worker else ():  # not a longer id
+            if worker != self.worker:
+                continue  # a longer id that starts with ours: subscriptions match prefixes
+            for first, count in zip(numbers[::2], numbers[1::2]):
                 frame = self.unacked.get(first)
                 if frame is not None and frame.count == count:
                     del self.unacked[first]
