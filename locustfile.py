@@ -55,6 +55,7 @@ and pyzmq, and uses orjson, if installed, to encode ~10 times faster.
 """
 
 import argparse
+import atexit
 import json
 import logging
 import math
@@ -72,6 +73,7 @@ import zmq
 import zmq.auth
 from locust import FastHttpUser, between, events, task
 from locust.runners import MasterRunner, WorkerRunner
+from locust.stats import StatsError
 
 try:
     import orjson  # optional: encodes a record in ~1 µs instead of ~10 (README, Performance)
@@ -500,6 +502,9 @@ class RequestLog:
             environment.events.request.add_listener(self.on_request)
             # `quit` fires after the runner has stopped every user, so no request comes after it.
             environment.events.quit.add_listener(self.close)
+            # Locust used as a library (Environment, create_local_runner) never fires quit: the end of the
+            # script is the last moment to write the last requests and the end record.
+            atexit.register(self.close)
             self.writer = gevent.spawn(self._write_forever)
 
     def on_test_start(self, environment, **kwargs):
@@ -521,7 +526,8 @@ class RequestLog:
         # busy Locust process, twice as much as in a loop over many requests, where that code and its
         # data stay in the CPU's caches; so a greenlet does it in batches, every 50 ms.
         self.pending.append((time.time(), request_type, name, response_time, response_length, exception,
-                             context, kwargs.get("start_time"), kwargs.get("url")))
+                             context, kwargs.get("start_time"), kwargs.get("url"),
+                             getattr(kwargs.get("response"), "status_code", None)))
 
     def _write_forever(self):
         while True:
@@ -538,17 +544,16 @@ class RequestLog:
                 handler.write_lines(lines, self.formatter.seq - len(lines) + 1)
 
     def to_line(self, created, request_type, name, response_time, response_length, exception, context,
-                start_time, url):
-        message = {
-            "class": "request",
-            "request_type": request_type,
-            "name": name,
-            "result": "success" if exception is None else "error",
-            "response_time": response_time,
-            "response_length": response_length,
-        }
+                start_time, url, status):
+        message = {"class": "request", "request_type": request_type, "name": name,
+                   "result": "success" if exception is None else "error"}
+        if status is not None:  # 0 where Locust has no response; none from a client without response objects
+            message["status"] = status
+        message["response_time"], message["response_length"] = response_time, response_length
         if exception is not None:
-            message["exception"] = exception
+            # Locust's own text for it, as in its failures table, which groups failures by it
+            message["exception"] = StatsError.parse_error(exception if isinstance(exception, str)
+                                                          else _safe_repr(exception))
         if start_time is not None:
             message["start_time"] = start_time
         if url is not None:
@@ -557,9 +562,10 @@ class RequestLog:
         return self.formatter.to_json(created, "INFO" if exception is None else "ERROR", message)
 
     def close(self, **kwargs):
-        if self.writer is not None:
-            self.writer.kill()
-            self.write_pending()
+        if not self.handlers:
+            return  # nothing to log to, or closed already: on quit, then at the exit
+        self.writer.kill()
+        self.write_pending()
         # The last record says how many this process made, itself included: a reader of any file can then
         # tell whether it holds all of them. Straight to the handlers, like requests, whatever the logger's
         # level. Records dropped after it, or not acknowledged, are counted in the push handler's last line.
@@ -571,6 +577,7 @@ class RequestLog:
         for handler in self.handlers:
             self.logger.removeHandler(handler)
             handler.close()
+        self.handlers = []
 
 
 class ResourceSampler:
