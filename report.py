@@ -23,8 +23,10 @@ as one JSON object.
 import argparse
 import csv
 import heapq
+import html
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -33,6 +35,12 @@ from array import array
 from bisect import bisect_right
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
+from itertools import chain
+
+try:
+    import plotly.io  # for --html only
+except ImportError:
+    plotly = None
 
 from sink import BOM, decoder, simdjson, simdjson_parser  # what a record is, decided as the sink decides it
 
@@ -109,50 +117,58 @@ class Worker:
         self.hostname = hostname
         self.requests = self.samples = 0
         self.peak_cpu = self.peak_rss = 0
+        self.cpu = []  # (time, cpu_percent) of each resource sample: one every few seconds
 
 
 class Second:
-    """One second of a run, for the timeline."""
+    """One second of a run, for the timeline and the charts."""
 
     def __init__(self):
-        self.response_times = array("d")
-        self.failures = 0
+        self.response_times = defaultdict(lambda: array("d"))  # (request_type, name) -> milliseconds
+        self.failures = Counter()  # (request_type, name) -> failed requests
         self.peak_cpu = None
 
 
 class Run:
     """What the report keeps of one run: counts, and each response time as an 8-byte float."""
 
-    def __init__(self, timeline):
+    def __init__(self, over_time):
         self.response_times = defaultdict(lambda: array("d"))  # (request_type, name) -> milliseconds
         self.failures = Counter()  # (request_type, name) -> failed requests
+        self.errors = Counter()  # (request_type, name, error) -> failed requests, as Locust's failures table
+        self.statuses = Counter()  # ((request_type, name), status code) -> requests
         self.first_end = self.last_end = None  # of any request, as `time` strings
         self.workers = {}
-        self.seconds = defaultdict(Second) if timeline else None  # "2026-11-28T19:04:20" -> Second
+        self.seconds = defaultdict(Second) if over_time else None  # "2026-11-28T19:04:20" -> Second
 
     def worker(self, worker, hostname):
         if worker not in self.workers:
             self.workers[worker] = Worker(hostname)
         return self.workers[worker]
 
-    def add_request(self, when, worker, hostname, key, response_time, failed):
+    def add_request(self, when, worker, hostname, key, response_time, failed, status, error):
         self.worker(worker, hostname).requests += 1
         self.response_times[key].append(response_time)
-        self.failures[key] += failed
+        if failed:
+            self.failures[key] += 1
+            self.errors[(*key, error)] += 1
+        if status is not None:
+            self.statuses[key, status] += 1
         if self.first_end is None or when < self.first_end:
             self.first_end = when
         if self.last_end is None or when > self.last_end:
             self.last_end = when
         if self.seconds is not None:
             second = self.seconds[when[:19]]
-            second.response_times.append(response_time)
-            second.failures += failed
+            second.response_times[key].append(response_time)
+            second.failures[key] += failed
 
     def add_sample(self, when, worker, hostname, cpu, rss):
         worker = self.worker(worker, hostname)
         worker.samples += 1
         worker.peak_cpu = max(worker.peak_cpu, cpu)
         worker.peak_rss = max(worker.peak_rss, rss)
+        worker.cpu.append((when, cpu))
         if self.seconds is not None:
             second = self.seconds[when[:19]]
             second.peak_cpu = cpu if second.peak_cpu is None else max(second.peak_cpu, cpu)
@@ -162,16 +178,16 @@ class Collected:
     """Reads collected files line by line, keeping per process the seqs read, and per run what the report
     needs; never the records."""
 
-    def __init__(self, only_run, timeline):
+    def __init__(self, only_run, over_time):
         self.only_run = only_run
-        self.timeline = timeline
+        self.over_time = over_time
         self.processes = {}  # worker -> Process
         self.runs = {}  # run id -> Run, in the order of each run's first line
         self.run_ids = set()
         self.lines = Counter()  # request, sample, other (records), another run, duplicate, skipped, unreadable
         self.first_unreadable = None
 
-    def read(self, path):
+    def read(self, path, progress):
         with open(path, "rb") as lines:
             for line_number, line in enumerate(lines, 1):
                 try:
@@ -179,6 +195,10 @@ class Collected:
                 except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                     self.lines["unreadable"] += 1
                     self.first_unreadable = self.first_unreadable or f"{path} line {line_number}"
+                if not line_number & 0xFFFF:
+                    progress.show(lines.tell(), self.lines.total())
+            progress.done += lines.tell()
+
 
     def take(self, record):
         """Count one record and say what it was, or raise ValueError, before counting anything, if it lacks
@@ -196,7 +216,9 @@ class Collected:
         if kind == "request":
             request_type, name, result, response_time = (message["request_type"], message["name"], message["result"],
                                                          message["response_time"])
-            if not (type(request_type) is type(name) is type(result) is str and is_number(response_time)):
+            status, error = message.get("status"), message.get("exception") if result != "success" else None
+            if not (type(request_type) is type(name) is type(result) is str and is_number(response_time)
+                    and (status is None or type(status) is int) and (error is None or type(error) is str)):
                 raise ValueError("not a request record")
         elif kind == "resources":
             cpu, rss = message["cpu_percent"], message["rss_bytes"]
@@ -219,12 +241,32 @@ class Collected:
             return "other"
         if self.only_run is not None and run_id != self.only_run:
             return "another run"
-        run = self.runs.get(run_id) or self.runs.setdefault(run_id, Run(self.timeline))
+        run = self.runs.get(run_id) or self.runs.setdefault(run_id, Run(self.over_time))
         if kind == "request":
-            run.add_request(when, worker, hostname, (request_type, name), response_time, result != "success")
+            run.add_request(when, worker, hostname, (request_type, name), response_time, result != "success", status,
+                            error)
             return "request"
         run.add_sample(when, worker, hostname, cpu, rss)
         return "sample"
+
+
+class Progress:
+    """Bytes read of all files and records a second, on stderr, once reading has taken a second; only on a
+    terminal, where a line that redraws itself is seen, not stored in a log."""
+
+    def __init__(self, total_bytes):
+        self.total, self.done, self.started, self.shown = total_bytes, 0, time.monotonic(), False
+
+    def show(self, position, records):
+        seconds = time.monotonic() - self.started
+        if seconds > 1 and sys.stderr.isatty():
+            print(f"\rreport: read {(self.done + position) / 1e6:,.0f} of {self.total / 1e6:,.0f} MB, "
+                  f"{records / seconds:,.0f} records/s", end="", file=sys.stderr, flush=True)
+            self.shown = True
+
+    def end(self):
+        if self.shown:
+            print(file=sys.stderr)
 
 
 def is_number(value):
@@ -256,21 +298,29 @@ def summarize(files, collected):
 
 def summarize_run(run_id, run):
     span = epoch(run.last_end) - epoch(run.first_end) if run.first_end else 0.0
+    statuses = defaultdict(Counter)  # (request_type, name) -> {"200": requests, ...}
+    for (key, status), requests in sorted(run.statuses.items(), key=lambda item: item[0][1]):
+        statuses[key][str(status)] = requests
     names = []
     for key in sorted(run.response_times, key=lambda key: (key[1], key[0])):
         ordered = sorted(run.response_times[key])
         run.response_times[key] = array("d", ordered)  # sorted, for the total's merge; the list is freed
-        names.append({"request_type": key[0], "name": key[1], **request_stats(ordered, run.failures[key], span)})
+        names.append({"request_type": key[0], "name": key[1], **request_stats(ordered, run.failures[key], span),
+                      "status": dict(statuses[key])})
     total = None
     if names:
         ordered = array("d", heapq.merge(*run.response_times.values()))
-        total = request_stats(ordered, sum(run.failures.values()), span)
+        total = {**request_stats(ordered, sum(run.failures.values()), span),
+                 "status": dict(sorted(sum(statuses.values(), Counter()).items(), key=lambda item: int(item[0])))}
+    failures = [{"request_type": request_type, "name": name, "error": error, "occurrences": occurrences}
+                for (request_type, name, error), occurrences in sorted(
+                    run.errors.items(), key=lambda item: (-item[1], item[0][1], item[0][0], str(item[0][2])))]
     workers = [{"worker": name, "hostname": worker.hostname, "requests": worker.requests, "samples": worker.samples,
                 "peak_cpu_percent": worker.peak_cpu if worker.samples else None,
                 "peak_rss_bytes": worker.peak_rss if worker.samples else None}
                for name, worker in sorted(run.workers.items())]
     return {"run_id": run_id, "first_end": run.first_end, "last_end": run.last_end, "seconds": span,
-            "names": names, "total": total, "workers": workers}
+            "names": names, "total": total, "failures": failures, "workers": workers}
 
 
 def request_stats(ordered, failures, span):
@@ -355,6 +405,18 @@ def print_run(run):
         times = [f"{row[f'p{p}']:.2f}" for p in PERCENTILES] + [f"{row['max']:.2f}"]
         print(table_row(row["request_type"], row["name"], width, [row["requests"], row["failures"], rate, *times]))
     print()
+    if any(row["status"] for row in run["names"]):
+        print(f"{'Type':<6} {'Name':<{width}} status codes: requests (0: no response)")
+        for row in run["names"]:
+            codes = ", ".join(f"{code}: {requests}" for code, requests in row["status"].items()) or "-"
+            print(f"{row['request_type']:<6} {row['name']:<{width}} {codes}")
+        print()
+    if run["failures"]:
+        print(f"{'Type':<6} {'Name':<{width}} {'failures':>9}  error, as Locust groups failures")
+        for failure in run["failures"]:
+            print(f"{failure['request_type']:<6} {failure['name']:<{width}} {failure['occurrences']:>9}  "
+                  f"{failure['error']}")
+        print()
 
 
 def table_row(request_type, name, width, columns):
@@ -379,20 +441,123 @@ def print_workers(workers):
     print()
 
 
+def every_second(run):
+    """("2026-11-28T19:04:20", Second) for each second of a run, from its first record to its last, empty
+    seconds included."""
+    for moment in range(int(epoch(min(run.seconds))), int(epoch(max(run.seconds))) + 1):
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment))
+        yield when, run.seconds.get(when) or Second()
+
+
 def write_timeline(path, runs):
-    """One row per second of each run, from its first record to its last, empty seconds included."""
+    """One row per second of each run."""
     with open(path, "w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(["run_id", "second", "requests", "failures", *(f"p{p}_ms" for p in TIMELINE_PERCENTILES),
                          "max_ms", "max_worker_cpu_percent"])
         for run_id, run in runs:
-            for moment in range(int(epoch(min(run.seconds))), int(epoch(max(run.seconds))) + 1):
-                key = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment))
-                second = run.seconds.get(key) or Second()
-                ordered = sorted(second.response_times)
+            for when, second in every_second(run):
+                ordered = sorted(chain.from_iterable(second.response_times.values()))
                 times = [percentile(ordered, p) for p in TIMELINE_PERCENTILES] + [ordered[-1]] if ordered else [""] * 4
-                writer.writerow([run_id or "", key + "Z", len(ordered), second.failures, *times,
+                writer.writerow([run_id or "", when + "Z", len(ordered), second.failures.total(), *times,
                                  "" if second.peak_cpu is None else second.peak_cpu])
+
+
+# --- The same report as one page, with charts over time (--html) -------------------------------------
+
+PAGE_STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222} table{border-collapse:collapse;margin:.6em 0}
+td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right} td.text,th.text{text-align:left}
+.verdict{font-size:1.3em;font-weight:bold} .complete{color:#17692c} .incomplete{color:#b00020}"""
+CHART_CONFIG = {"displaylogo": False, "responsive": True}
+
+
+def write_html(path, report, runs):
+    """The verdict and the tables, then per run its charts; plotly's script is inlined once, so the page
+    needs no network."""
+    page = [f"<p class='verdict {'complete' if report['complete'] else 'incomplete'}'>{html.escape(verdict(report))}</p>",
+            f"<p>{html.escape(', '.join(report['files']))}: " + ", ".join(
+                f"{html.escape(kind)} {report['lines'][kind]}" for kind in ("request", "sample", "other", "duplicate",
+                                                                             "skipped", "unreadable")) + "</p>",
+            html_table(["process", "host", "records", "missing", "ended"],
+                       [[p["worker"], p["hostname"], p["records"], p["missing"], "yes" if p["ended"] else "no"]
+                        for p in report["processes"]])]
+    scripts = iter([True])  # plotly.js goes into the first chart only
+    for summary in report["runs"]:
+        run = runs[summary["run_id"]]
+        page.append(f"<h2>Run {html.escape(str(summary['run_id']))}</h2><p>requests ended from "
+                    f"{summary['first_end']} to {summary['last_end']} ({summary['seconds']:.1f} s)</p>")
+        rows = summary["names"] + ([{"request_type": "", "name": "Aggregated", **summary["total"]}]
+                                   if summary["total"] else [])
+        page.append(html_table(
+            ["type", "name", "requests", "failures", "req/s", *(f"p{p} ms" for p in PERCENTILES), "max ms",
+             "status codes"],
+            [[row["request_type"], row["name"], row["requests"], row["failures"],
+              f"{row['requests_per_second']:.1f}" if row["requests_per_second"] else "-",
+              *(f"{row[f'p{p}']:.2f}" for p in PERCENTILES), f"{row['max']:.2f}",
+              ", ".join(f"{code}: {n}" for code, n in row["status"].items())] for row in rows]))
+        if summary["failures"]:
+            page.append("<h3>Failures, as Locust groups them</h3>" + html_table(
+                ["type", "name", "error", "occurrences"],
+                [[f["request_type"], f["name"], f["error"], f["occurrences"]] for f in summary["failures"]]))
+        page.append(html_table(["worker", "host", "requests", "samples", "peak CPU %", "peak RSS MB"], [
+            [w["worker"], w["hostname"], w["requests"], w["samples"], w["peak_cpu_percent"] or "-",
+             f"{w['peak_rss_bytes'] / 1e6:.1f}" if w["samples"] else "-"] for w in summary["workers"]]))
+        for figure in run_figures(run):
+            page.append(plotly.io.to_html(figure, full_html=False, include_plotlyjs=next(scripts, False),
+                                          config=CHART_CONFIG, validate=False))
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(f"<!doctype html><html><head><meta charset='utf-8'><title>Locust requests: "
+                  f"{html.escape(', '.join(report['files']))}</title><style>{PAGE_STYLE}</style></head><body>"
+                  + "\n".join(page) + "</body></html>\n")
+
+
+def html_table(header, rows):
+    def cells(tag, values):
+        return "".join(f"<{tag} class='text'>{html.escape(v)}</{tag}>" if isinstance(v, str)
+                       else f"<{tag}>{v}</{tag}>" for v in values)
+    return f"<table><tr>{cells('th', header)}</tr>" + "".join(f"<tr>{cells('td', row)}</tr>" for row in rows) + "</table>"
+
+
+def run_figures(run):
+    """Per second of a run: the response time percentiles, and the requests and failures, of all requests
+    or of one name (a menu picks which); each worker's CPU at each resource sample."""
+    keys = sorted(run.response_times, key=lambda key: (key[1], key[0]))
+    series = defaultdict(list)  # (key or None for all requests, what) -> one value per second
+    seconds = list(every_second(run))
+    for _, second in seconds:
+        for key in (None, *keys):
+            times = chain.from_iterable(second.response_times.values()) if key is None else second.response_times.get(
+                key, ())
+            ordered = sorted(times)
+            series[key, "requests"].append(len(ordered))
+            series[key, "failures"].append(second.failures.total() if key is None else second.failures.get(key, 0))
+            for what, value in zip(("p50", "p95", "p99", "max"),
+                                   [percentile(ordered, p) for p in TIMELINE_PERCENTILES] + [ordered[-1]]
+                                   if ordered else [None] * 4):
+                series[key, what].append(value if value is None else round(value, 3))
+    # Evenly spaced: x0 and dx (ms) instead of a time for every point keep an hour of 50 names small.
+    x = {"x0": seconds[0][0].replace("T", " "), "dx": 1000}
+    xaxis = {"type": "date", "title": {"text": "UTC"}, "range": [x["x0"], seconds[-1][0].replace("T", " ") + ".999"]}
+    menu = ["all requests", *(f"{request_type} {name}" for request_type, name in keys)]
+
+    def over_time(title, whats, yaxis):
+        traces = [{"type": "scatter", "mode": "lines", "name": what, "y": series[key, what], "visible": not i,
+                   "connectgaps": False, **x} for i, key in enumerate((None, *keys)) for what in whats]
+        buttons = [{"label": label, "method": "restyle",
+                    "args": [{"visible": [j // len(whats) == i for j in range(len(traces))]}]}
+                   for i, label in enumerate(menu)]
+        return {"data": traces, "layout": {
+            "title": {"text": title}, "height": 380, "hovermode": "x unified", "yaxis": yaxis,
+            "xaxis": xaxis, "updatemenus": [{"buttons": buttons, "x": 1, "xanchor": "right", "y": 1.2, "yanchor": "top"}]}}
+
+    cpu = [{"type": "scatter", "mode": "lines", "name": worker_id[-12:], "hovertext": worker_id,
+            "x": [when.replace("T", " ").rstrip("Z") for when, _ in worker.cpu], "y": [value for _, value in worker.cpu]}
+           for worker_id, worker in sorted(run.workers.items()) if worker.cpu]
+    return [over_time("Response times per second (ms)", ("p50", "p95", "p99", "max"),
+                      {"type": "log", "title": {"text": "ms"}}),
+            over_time("Requests and failures per second", ("requests", "failures"), {"rangemode": "tozero"}),
+            {"data": cpu, "layout": {"title": {"text": "CPU of each worker (% of one core)"}, "height": 320,
+                                     "yaxis": {"rangemode": "tozero"}, "xaxis": xaxis}}]
 
 
 def main():
@@ -400,19 +565,25 @@ def main():
     parser.add_argument("files", nargs="+", metavar="FILE", help="collected JSON-lines files, read as one")
     parser.add_argument("--run", metavar="RUN_ID", help="only this run's tables (completeness is over every run)")
     parser.add_argument("--timeline", metavar="OUT.csv", help="also write one CSV row per second and run")
+    parser.add_argument("--html", metavar="OUT.html", help="also write the report as one page with charts over time")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object instead of tables")
     parser.add_argument("--require-complete", action="store_true",
                         help="exit 1 if a record is missing or a process did not end cleanly")
     args = parser.parse_args()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `report.py FILE | head` ends quietly, as any Unix tool does
 
-    collected = Collected(args.run, timeline=args.timeline is not None)
-    for path in args.files:
-        try:
-            collected.read(path)
-        except OSError as error:
-            print(f"report: cannot read {path}: {error.strerror}", file=sys.stderr)
-            return 1
+    if args.html and plotly is None:
+        print("report: --html needs plotly, to draw its charts: pip install plotly", file=sys.stderr)
+        return 2
+    collected = Collected(args.run, over_time=bool(args.timeline or args.html))
+    try:
+        progress = Progress(sum(os.path.getsize(path) for path in args.files))
+        for path in args.files:
+            collected.read(path, progress)
+    except OSError as error:
+        print(f"report: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+        return 1
+    progress.end()
     if args.run is not None and not collected.runs and collected.run_ids:
         runs = ", ".join(sorted(str(run_id) for run_id in collected.run_ids))
         print(f"report: no run {args.run} in {', '.join(args.files)}. Its runs: {runs}", file=sys.stderr)
@@ -420,12 +591,15 @@ def main():
     if args.timeline:
         write_timeline(args.timeline, collected.runs.items())
     report = summarize(args.files, collected)
+    if args.html:
+        write_html(args.html, report, collected.runs)
     if args.json:
-        print(json.dumps({**report, "timeline": args.timeline}))
+        print(json.dumps({**report, "timeline": args.timeline, "html": args.html}))
     else:
         print_report(report, args.run)
-        if args.timeline:
-            print(f"Timeline: {args.timeline}")
+        for what, path in (("Timeline", args.timeline), ("HTML report", args.html)):
+            if path:
+                print(f"{what}: {path}")
     return 1 if args.require_complete and not report["complete"] else 0
 
 

@@ -4,12 +4,14 @@ target on 127.0.0.1 (200 on /, 404 elsewhere). Every test checks the data that c
 """
 
 import csv
+import html
 import json
 import math
 import os
 import random
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,9 +45,10 @@ class Target(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body are two writes: without it, each response waits ~40 ms
 
     def do_GET(self):
-        found = self.path == "/"
-        body = b"hello" if found else b"not found"
-        self.send_response(200 if found else 404)
+        # "/": 200; "/status/201": 201, and so on; anything else: 404
+        status = int(self.path[8:]) if self.path.startswith("/status/") else 200 if self.path == "/" else 404
+        body = b"hello" if status < 400 else b"not found"
+        self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -127,9 +130,10 @@ def environment(tag, **settings):
 
 @pytest.fixture(scope="session")
 def without_accelerators(tmp_path_factory):
-    """Settings under which orjson and simdjson fail to import, as where only Locust and pyzmq are installed."""
+    """Settings under which orjson, simdjson and plotly fail to import, as where only Locust and pyzmq are
+    installed."""
     shadow = tmp_path_factory.mktemp("without_accelerators")
-    for module in ("orjson", "simdjson"):
+    for module in ("orjson", "simdjson", "plotly"):
         (shadow / f"{module}.py").write_text(f"raise ImportError('{module} is hidden by the test')\n")
     return {"PYTHONPATH": str(shadow)}
 
@@ -932,19 +936,120 @@ def test_record_format(tmp_path, tag, target, sinks):
 
     ok = next(r for r in requests_of(records) if r["message"]["result"] == "success")
     assert ok["loglevel"] == "INFO"
-    assert set(ok["message"]) == {"class", "request_type", "name", "result", "response_time", "response_length",
-                                  "start_time", "url", "other"}
+    assert set(ok["message"]) == {"class", "request_type", "name", "result", "status", "response_time",
+                                  "response_length", "start_time", "url", "other"}
+    assert ok["message"]["status"] == 200
     assert ok["message"]["name"] == "/" and ok["message"]["url"] == f"{target}/"
     assert ok["message"]["response_length"] == len(b"hello")
     assert ok["message"]["response_time"] > 0
     assert abs(ok["message"]["start_time"] - started.timestamp()) < 120
     failed = next(r for r in requests_of(records) if r["message"]["result"] == "error")
     assert failed["loglevel"] == "ERROR"
-    assert "404" in failed["message"]["exception"]
+    assert failed["message"]["exception"] == "LocustBadStatusCode(code=404)"  # Locust's own text for it
+    assert failed["message"]["status"] == 404
     assert failed["message"]["name"] == "/does-not-exist"
 
     plain = [r for r in records if not isinstance(r["message"], dict)]
     assert plain and all(r["message"] == "Task started" and r["loglevel"] == "INFO" for r in plain)
+
+
+STATUS_LOCUSTFILE = """
+    import random
+    import locustfile
+    from locust import FastHttpUser, HttpUser, constant
+
+    def answers(user):
+        for status in (200, 201, 404, 500):
+            user.client.get(f"/status/{status}", name=f"{user.kind} /status/{status}")
+        user.client.get(f"/item?id={random.randrange(1000)}", name=f"{user.kind} /item?id=[id]")  # one name, many URLs
+        with user.client.get("/", name=f"{user.kind} caught", catch_response=True) as response:
+            response.failure("a 200 that the user calls a failure")
+        user.client.get("http://127.0.0.1:{refused_port}/", name=f"{user.kind} refused")
+
+    class Fast(FastHttpUser):
+        kind, tasks, wait_time = "fast", [answers], constant(0.05)
+
+    class Plain(HttpUser):
+        kind, tasks, wait_time = "requests", [answers], constant(0.05)
+"""
+STATUS_OF = {"/status/200": 200, "/status/201": 201, "/status/404": 404, "/status/500": 500, "/item?id=[id]": 404,
+             "caught": 200, "refused": 0}
+
+
+LIBRARY_SCRIPT = """
+    # Locust's examples/use_as_lib.py, with the block pasted in (here: imported), and no line added for it
+    import gevent
+    import locustfile
+    from locust import HttpUser, constant, events, task
+    from locust.env import Environment
+    from locust.log import setup_logging
+
+    setup_logging("INFO")
+
+    class MyUser(HttpUser):
+        host = "{target}"
+        wait_time = constant(0)
+
+        @task
+        def index(self):
+            self.client.get("/")
+
+    env = Environment(user_classes=[MyUser], events=events)
+    runner = env.create_local_runner()
+    env.events.init.fire(environment=env, runner=runner, web_ui=None)
+    runner.start(4, spawn_rate=4)
+    gevent.spawn_later(2, runner.quit)
+    runner.greenlet.join()
+    print(env.stats.total.num_requests)
+"""
+
+
+def test_locust_used_as_a_library_writes_every_request_and_the_end_record(tmp_path, tag, target, sinks):
+    sink, local_file = sinks(), tmp_path / "local.jsonl"
+    script = write_locustfile(tmp_path / "use_as_lib.py", LIBRARY_SCRIPT.replace("{target}", target))
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env=environment(tag, ZMQ_SINK_ADDRESS=sink.address, LOCUST_LOG_FILE=str(local_file)))
+    assert result.returncode == 0, result.stderr
+    sink.stop()
+    requests = int(result.stdout.split()[-1])
+    for path in (local_file, sink.log_file):  # the quit event never came: both still got the tail
+        records = read_records(path)
+        assert len(requests_of(records)) == requests > 100
+        assert records[-1]["message"] == {"class": "end", "records": len(records), "requests": requests, "dropped": 0}
+        assert_complete(path, processes=1)
+    assert re.search(r"all \d+ records acknowledged", result.stderr), result.stderr
+
+
+def test_status_codes_and_failures_as_locust_groups_them(tmp_path, tag, target, sinks):
+    sink = sinks()
+    locustfile = write_locustfile(tmp_path / "status_locustfile.py",
+                                  STATUS_LOCUSTFILE.replace("{refused_port}", str(free_port())))
+    code, stderr, stats = run_locust(tmp_path, tag, target, *two_processes(), "--csv", str(tmp_path / "locust"),
+                                     settings={"ZMQ_SINK_ADDRESS": sink.address}, locustfile=locustfile)
+    assert code == 0, stderr
+    sink.stop()
+    records = requests_of(read_records(sink.log_file))
+    assert request_counts(records) == locust_counts(stats)
+    statuses = Counter((r["message"]["name"], r["message"]["status"]) for r in records)
+    assert {(name, status) for name, status in statuses} == {
+        (f"{kind} {name}", status) for kind in ("fast", "requests") for name, status in STATUS_OF.items()}
+    run = report_json(sink.log_file)["runs"][0]
+    assert {row["name"]: row["status"] for row in run["names"]} == {
+        f"{kind} {name}": {str(status): statuses[f"{kind} {name}", status]}
+        for kind in ("fast", "requests") for name, status in STATUS_OF.items()}
+    assert run["total"]["status"] == {str(s): n for s, n in sorted(Counter(r["message"]["status"] for r in records).items())}
+    # The failures table groups as Locust's: the same groups, the same counts, whatever the URL.
+    with open(tmp_path / "locust_failures.csv", newline="") as failures_csv:
+        expected = sorted((row["Method"], row["Name"], row["Error"], int(row["Occurrences"]))
+                          for row in csv.DictReader(failures_csv))
+    assert sorted(tuple(failure.values()) for failure in run["failures"]) == expected
+    assert {name for _, name, _, _ in expected} == {f"{kind} {name}" for kind in ("fast", "requests")
+                                                    for name in ("/status/404", "/status/500", "/item?id=[id]",
+                                                                 "caught", "refused")}
+    assert all(error for _, _, error, _ in expected)
+    _, output = report(sink.log_file)
+    for request_type, name, error, occurrences in expected:
+        assert re.search(rf"^{request_type} +{re.escape(name)} +{occurrences}  {re.escape(error)}$", output, re.M)
 
 
 ODD_VALUES_LOCUSTFILE = """
@@ -961,6 +1066,9 @@ ODD_VALUES_LOCUSTFILE = """
 
         __repr__ = __str__
 
+    class UnprintableError(Exception):
+        __repr__ = Broken.__str__  # Locust's own listener fails on it, after counting the request
+
     class OddUser(FastHttpUser):
         wait_time = constant(0.1)
 
@@ -972,6 +1080,8 @@ ODD_VALUES_LOCUSTFILE = """
                             {(1, 2): "tuple key"}, {"nan": float("nan")}, circular, {"broken": Broken()}):
                 with self.client.get("/", name="odd", context=context, catch_response=True) as response:
                     response.failure(ValueError("custom failure"))
+            with self.client.get("/", name="unprintable", catch_response=True) as response:
+                response.failure(UnprintableError())
             logger.info("%s and %s", b"\\xfe", Opaque())
 """
 
@@ -983,7 +1093,8 @@ def test_values_json_cannot_encode_become_strings(tmp_path, tag, target, without
     code, stderr, stats = run_locust(tmp_path, tag, target, locustfile=locustfile, settings={
         "LOCUST_LOG_FILE": str(local_file), **({} if orjson else without_accelerators)})
     assert code == 0, stderr
-    assert "Traceback" not in stderr
+    # Tracebacks from Locust's own listener only (UnprintableError), none from the hooks
+    assert stderr.count("Traceback") == stderr.count("Uncaught exception in event handler"), stderr
     records = read_records(local_file)
     assert request_counts(records) == locust_counts(stats) and stats[0]["num_failures"] >= 5
     others = [r["message"]["other"] for r in requests_of(records)]
@@ -993,7 +1104,8 @@ def test_values_json_cannot_encode_become_strings(tmp_path, tag, target, without
     assert ({"nan": None} if orjson else "{'nan': nan}") in others
     assert any("{...}" in other for other in others if isinstance(other, str))  # the circular one
     assert "<unprintable dict>" in others  # its repr() calls Broken.__repr__, which raises
-    assert all(r["message"]["exception"] == "custom failure" for r in requests_of(records))
+    assert {r["message"]["name"]: r["message"]["exception"] for r in requests_of(records)} == {
+        "odd": "ValueError('custom failure')", "unprintable": "<unprintable UnprintableError>"}
     assert "b'\\xfe' and <opaque>" in [r["message"] for r in records]
 
 
@@ -1422,9 +1534,9 @@ def test_two_runs_into_one_file_get_two_run_ids_that_the_report_separates(tmp_pa
 
 # --- the report -------------------------------------------------------------------------------
 
-def run_report(*args, expect_code=0):
+def run_report(*args, expect_code=0, env=None):
     result = subprocess.run([sys.executable, str(REPO / "report.py"), *map(str, args)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env=env and {**os.environ, **env})
     assert result.returncode == expect_code, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     return result
@@ -1684,3 +1796,50 @@ def test_report_of_an_empty_file_an_unknown_run_or_a_missing_file(tmp_path):
     one_run = tmp_path / "one_run.jsonl"
     one_run.write_text(record_line("10:00:00", RUN_A, request("GET", "/", 1)) + "\n")
     assert report(one_run, "--run", RUN_B, expect_code=1)[0] == {}
+
+
+def page_requests(net_log):
+    """The URLs a page asked the network for, from Chromium's net log. The browser's own calls home belong to
+    no page: they carry no file:// isolation key."""
+    urls, from_page = {}, set()
+    for event in json.loads(net_log.read_text())["events"]:
+        params, source = event.get("params", {}), event["source"]["id"]
+        if "url" in params:
+            urls.setdefault(source, set()).add(params["url"])
+        if str(params.get("network_isolation_key", "")).startswith("file://"):
+            from_page.add(source)
+    return set().union(*(urls[source] for source in from_page if source in urls))
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Chromium: apt-get install chromium (.ci/run does)")
+def test_the_html_report_opens_offline_in_a_real_browser(tmp_path, without_accelerators):
+    names = ["/", "/search?q=<b>bold</b>", "/fail"]
+    lines, seqs = [], Counter()
+    for second in range(6):
+        for worker in ("w1", "w2"):
+            for name in names:
+                seqs[worker] += 1
+                failed = name == "/fail"
+                message = {**request("GET", name, 1 + second * 10, failed=failed), "status": 500 if failed else 200,
+                           **({"exception": "LocustBadStatusCode(code=500)"} if failed else {})}
+                lines.append(record_line(f"10:00:0{second}", RUN_A, message, worker=worker, seq=seqs[worker]))
+            seqs[worker] += 1
+            lines.append(record_line(f"10:00:0{second}", RUN_A, {"class": "resources", "cpu_percent": 10.0 * second,
+                                                                  "rss_bytes": 10 ** 7, "user_count": 1},
+                                     worker=worker, seq=seqs[worker]))
+    lines += [record_line("10:00:06", RUN_A, end(seqs[w] + 1), worker=w, seq=seqs[w] + 1) for w in ("w1", "w2")]
+    collected, page = tmp_path / "collected.jsonl", tmp_path / "report.html"
+    collected.write_text("\n".join(lines) + "\n")
+    assert f"HTML report: {page}" in run_report(collected, "--html", page).stdout
+    net_log = tmp_path / "net_log.json"
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--log-net-log={net_log}",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60).stdout
+    assert dom.count('class="main-svg"') >= 6, "3 charts drawn by plotly, two layers each"
+    assert "Complete: all 50 records of 2 processes." in dom
+    assert dom.count('data-unformatted="all requests"') == 2, "two charts with a menu of names"
+    assert all(dom.count(f">{html.escape(name)}</td>") == 1 + (name == "/fail") for name in names)
+    assert "<b>bold</b>" not in dom and "LocustBadStatusCode(code=500)" in dom
+    assert not page_requests(net_log)
+    # Where plotly is not installed: one line that says what to install.
+    result = run_report(collected, "--html", page, expect_code=2, env=without_accelerators)
+    assert result.stderr == "report: --html needs plotly, to draw its charts: pip install plotly\n"
