@@ -37,11 +37,6 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from itertools import chain
 
-try:
-    import plotly.io  # for --html only
-except ImportError:
-    plotly = None
-
 from sink import BOM, decoder, simdjson, simdjson_parser  # what a record is, decided as the sink decides it
 
 PERCENTILES = (50, 90, 95, 99)
@@ -161,7 +156,8 @@ class Run:
         if self.seconds is not None:
             second = self.seconds[when[:19]]
             second.response_times[key].append(response_time)
-            second.failures[key] += failed
+            if failed:
+                second.failures[key] += 1
 
     def add_sample(self, when, worker, hostname, cpu, rss):
         worker = self.worker(worker, hostname)
@@ -474,6 +470,7 @@ CHART_CONFIG = {"displaylogo": False, "responsive": True}
 def write_html(path, report, runs):
     """The verdict and the tables, then per run its charts; plotly's script is inlined once, so the page
     needs no network."""
+    import plotly.io  # main() made sure it is there
     page = [f"<p class='verdict {'complete' if report['complete'] else 'incomplete'}'>{html.escape(verdict(report))}</p>",
             f"<p>{html.escape(', '.join(report['files']))}: " + ", ".join(
                 f"{html.escape(kind)} {report['lines'][kind]}" for kind in ("request", "sample", "other", "duplicate",
@@ -572,9 +569,12 @@ def main():
     args = parser.parse_args()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `report.py FILE | head` ends quietly, as any Unix tool does
 
-    if args.html and plotly is None:
-        print("report: --html needs plotly, to draw its charts: pip install plotly", file=sys.stderr)
-        return 2
+    if args.html:
+        try:
+            import plotly.io  # noqa: F401 (here, not above: importing it costs every report 60 ms and 6 MB)
+        except ImportError:
+            print("report: --html needs plotly, to draw its charts: pip install plotly", file=sys.stderr)
+            return 2
     collected = Collected(args.run, over_time=bool(args.timeline or args.html))
     try:
         progress = Progress(sum(os.path.getsize(path) for path in args.files))

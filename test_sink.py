@@ -11,6 +11,7 @@ import os
 import random
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -1843,3 +1844,26 @@ def test_the_html_report_opens_offline_in_a_real_browser(tmp_path, without_accel
     # Where plotly is not installed: one line that says what to install.
     result = run_report(collected, "--html", page, expect_code=2, env=without_accelerators)
     assert result.stderr == "report: --html needs plotly, to draw its charts: pip install plotly\n"
+
+
+def test_progress_shows_on_a_terminal_only_while_reading_takes_more_than_a_second(tmp_path):
+    collected = tmp_path / "collected.jsonl"
+    line = record_line("10:00:00", RUN_A, request("GET", "/", 1.5), millisecond=0, seq=999_999).replace("999999", "%d")
+    collected.write_text("".join(line % seq + "\n" for seq in range(1, 400_001)))  # ~2 s to read
+    main, terminal = os.openpty()
+    try:
+        report = subprocess.run([sys.executable, str(REPO / "report.py"), str(collected)], stdout=subprocess.DEVNULL,
+                                stderr=terminal, timeout=120)
+        os.close(terminal)
+        shown = b""
+        while select.select([main], [], [], 0)[0]:
+            try:
+                shown += os.read(main, 4096)
+            except OSError:  # EIO: all was read, and the terminal's other end is closed
+                break
+    finally:
+        os.close(main)
+    assert report.returncode == 0
+    size = collected.stat().st_size / 1e6
+    assert re.fullmatch(rb"(\rreport: read \d+ of %d MB, [\d,]+ records/s)+\r?\n" % round(size), shown), shown
+    assert run_report(collected).stderr == ""  # not a terminal: nothing
