@@ -15,7 +15,8 @@ Everything runs on 127.0.0.1 and is started and stopped here:
    100 times the request rate of one saturated Locust process from part 1.
 3. Memory. The sink's RSS while it writes; a Locust process's RSS while its sink is down and its queue fills.
 4. Report. `report.py --timeline` on a collected file of 2 million records: time and peak RSS, with and
-   without simdjson, and merging the file with itself (every record twice).
+   without simdjson, merging the file with itself (every record twice), and with --html; --html over one
+   hour of 50 names, and how long headless Chromium (if installed) takes to open that page.
 """
 
 import argparse
@@ -28,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from importlib.metadata import version
@@ -49,6 +51,7 @@ MEASURED_CORE, HELPER_CORE = {0}, {os.cpu_count() - 1}
 # A saturated worker's handler sends ~150 records a frame (its queue every 50 ms); 200 is close to that.
 PUSHERS, RECORDS_PER_PUSHER, RECORDS_PER_FRAME = 2, 500_000, 200
 REPORT_RECORDS = 2_000_000
+HOUR_RECORDS = 1_800_000  # one hour of 50 names at 500 requests a second, for --html
 VARIANTS = ["no hooks", "CsvRequestLogger", "this project", "this project, json module"]
 
 MEASURED_LOCUSTFILE = """
@@ -341,16 +344,18 @@ def queue_memory(workdir, host, queue_limit=20_000, seconds=16):
 
 # --- part 4: the report ------------------------------------------------------------------------
 
-def write_collected(path, records):
-    """A collected file as a sink writes one: 8 workers, 5 names, 10% failures, random response times
-    (sorting them costs more than sorting repeats would), a resource sample every 375 records, from
-    each worker in turn, and each worker's end record."""
+def write_collected(path, records, names=5, seconds=None):
+    """A collected file as a sink writes one: 8 workers, 10% failures (status 500, Locust's error text),
+    random response times (sorting them costs more than sorting repeats would), a resource sample every 375
+    records, from each worker in turn, and each worker's end record; 3000 records a second unless seconds
+    says how long the run was."""
     rng = random.Random(1)
     start = time.time()
     seqs = [0] * 8
+    paths = ["/", "/login", "/items", "/items/{id}", "/does-not-exist", *(f"/page/{n}" for n in range(5, names))]
     with open(path, "w") as out:
         for i in range(records + 8):
-            when = start + i / 3000
+            when = start + i * (seconds or records / 3000) / records
             worker = (i // 375 if i % 375 == 0 else i) % 8 if i < records else i - records
             seqs[worker] += 1
             record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z",
@@ -363,28 +368,39 @@ def write_collected(path, records):
                 record["message"] = {"class": "resources", "cpu_percent": rng.uniform(20, 95), "rss_bytes": 60_000_000,
                                      "user_count": 10}
             else:
-                name = ("/", "/login", "/items", "/items/{id}", "/does-not-exist")[i % 5]
+                name, failed = paths[i % names], rng.random() < 0.1
                 record["message"] = {"class": "request", "request_type": "GET", "name": name,
-                                     "result": "error" if rng.random() < 0.1 else "success",
+                                     "result": "error" if failed else "success", "status": 500 if failed else 200,
                                      "response_time": rng.lognormvariate(2.5, 1), "response_length": 612,
+                                     **({"exception": "LocustBadStatusCode(code=500)"} if failed else {}),
                                      "start_time": when - 0.01, "url": "http://127.0.0.1:8000" + name, "other": {}}
             out.write(json.dumps(record, separators=(",", ":")) + "\n")
 
 
-def report_run(files, env):
-    """Seconds and peak RSS of one `report.py --timeline --require-complete` over the files."""
+def report_run(files, env, records=REPORT_RECORDS, html=None):
+    """Seconds and peak RSS of one `report.py --timeline --require-complete` over the files, with --html if
+    given a page to write."""
     started = time.monotonic()
     report = subprocess.Popen([sys.executable, str(REPO / "report.py"), *map(str, files), "--require-complete",
-                               "--timeline", str(files[0].with_suffix(".csv"))],
+                               "--timeline", str(files[0].with_suffix(".csv")), *(["--html", str(html)] if html else [])],
                               stdout=subprocess.PIPE, text=True, env=env, preexec_fn=on_core(MEASURED_CORE))
     output = report.stdout.read()
     _, status, usage = os.wait4(report.pid, 0)  # wait4, for the peak RSS of this process alone
     report.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    samples = len(range(0, REPORT_RECORDS, 375))
-    expected = (f"request records {REPORT_RECORDS - samples}, resource samples {samples}, other records 8, "
-                f"duplicates merged {(len(files) - 1) * (REPORT_RECORDS + 8)},")
+    samples = len(range(0, records, 375))
+    expected = (f"request records {records - samples}, resource samples {samples}, other records 8, "
+                f"duplicates merged {(len(files) - 1) * (records + 8)},")
     assert report.returncode == 0 and expected in output, output
     return {"seconds": time.monotonic() - started, "max_rss": usage.ru_maxrss * 1024}
+
+
+def browser_load(page):
+    """Seconds for headless Chromium to open the page and run its scripts, which draw the charts."""
+    started = time.monotonic()
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, check=True).stdout
+    assert dom.count('class="main-svg"') >= 6, "every chart drawn"
+    return time.monotonic() - started
 
 
 def sink_start(collected):
@@ -461,6 +477,14 @@ def main():
                     report_run([collected, collected], os.environ))
             collected_bytes = collected.stat().st_size
             dict_bytes = bytes_as_dicts(collected)
+            page, hour, hour_page = workdir / "report.html", workdir / "hour.jsonl", workdir / "hour.html"
+            reports["with simdjson, --html"] = [report_run([collected], os.environ, html=page)
+                                                for _ in range(args.sink_rounds)]
+            write_collected(hour, HOUR_RECORDS, names=50, seconds=3600)
+            hour_runs = [report_run([hour], os.environ, records=HOUR_RECORDS, html=hour_page)
+                         for _ in range(args.sink_rounds)]
+            page_bytes, hour_bytes, hour_page_bytes = page.stat().st_size, hour.stat().st_size, hour_page.stat().st_size
+            loads = [browser_load(hour_page) for _ in range(args.sink_rounds)] if shutil.which("chromium") else []
             print("part 5: a sink starting on the collected file", file=sys.stderr)
             starts = [sink_start(collected) for _ in range(args.sink_rounds)]
         finally:
@@ -524,6 +548,12 @@ def main():
         peak = max(r["max_rss"] for r in runs_of_report)
         lines = REPORT_RECORDS * (2 if "merged" in label else 1)
         print(f"| {label} | {seconds:.1f} | {lines / seconds:,.0f} | {peak / mb:.0f} MB |")
+    print(f"(--html wrote a page of {page_bytes / 1e6:.1f} MB)")
+    print(f"--html over one hour of 50 names, {HOUR_RECORDS:,} records ({hour_bytes / 1e6:.0f} MB): "
+          f"{statistics.median(r['seconds'] for r in hour_runs):.1f} s, peak RSS "
+          f"{max(r['max_rss'] for r in hour_runs) / mb:.0f} MB, a page of {hour_page_bytes / 1e6:.1f} MB; "
+          + (f"headless Chromium opened it and drew its charts in {statistics.median(loads):.1f} s (median of "
+             f"{len(loads)})" if loads else "no chromium here to open it"))
     print(f"(the same records kept as dicts from json.loads: {dict_bytes / 1000:.1f} kB each over the first 100,000, "
           f"so {dict_bytes * REPORT_RECORDS / 1e9:.1f} GB for the file)")
     print(f"\nSink start on that file: {statistics.median(took for took, _ in starts):.1f} s to its first write "
