@@ -2,7 +2,7 @@
 # A complete run on this machine: a sink, an HTTP target, and Locust with 2 worker processes
 # pushing every request to the sink for 30 seconds, 40 users started at 4 a second. Ends by itself,
 # shows what was collected and prints the report of it (is every record there? the percentiles), with a
-# per-second timeline beside it.
+# per-second timeline and a page with charts beside it.
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -30,7 +30,7 @@ echo "Requests Locust counted: $(.venv/bin/python -c 'import json, sys; print(su
   "request records in the file: $(grep -c '"class":"request"' "$out/requests.jsonl")"
 echo "Each worker's own copy: $(ls "$out"/local.*.jsonl | tr '\n' ' ')"
 echo
-.venv/bin/python report.py "$out/requests.jsonl" --timeline "$out/timeline.csv"
+.venv/bin/python report.py "$out/requests.jsonl" --timeline "$out/timeline.csv" --html "$out/report.html"
 echo
 echo "Locust's own percentiles of the same run (its --json-file, through Locust's own function), from response"
 echo "times it rounds on arrival: to whole ms, and above 100 ms to 2 significant digits (1035.8 ms counts as 1000):"
