@@ -461,8 +461,9 @@ def write_timeline(path, runs):
 
 # --- The same report as one page, with charts over time (--html) -------------------------------------
 
-PAGE_STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222} table{border-collapse:collapse;margin:.6em 0}
-td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right} td.text,th.text{text-align:left}
+PAGE_STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:.6em 0} td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}
+td.text,th.text{text-align:left}
 .verdict{font-size:1.3em;font-weight:bold} .complete{color:#17692c} .incomplete{color:#b00020}"""
 CHART_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -471,10 +472,11 @@ def write_html(path, report, runs):
     """The verdict and the tables, then per run its charts; plotly's script is inlined once, so the page
     needs no network."""
     import plotly.io  # main() made sure it is there
-    page = [f"<p class='verdict {'complete' if report['complete'] else 'incomplete'}'>{html.escape(verdict(report))}</p>",
-            f"<p>{html.escape(', '.join(report['files']))}: " + ", ".join(
-                f"{html.escape(kind)} {report['lines'][kind]}" for kind in ("request", "sample", "other", "duplicate",
-                                                                             "skipped", "unreadable")) + "</p>",
+    kinds = ("request", "sample", "other", "duplicate", "skipped", "unreadable")
+    page = [f"<p class='verdict {'complete' if report['complete'] else 'incomplete'}'>"
+            f"{html.escape(verdict(report))}</p>",
+            f"<p>{html.escape(', '.join(report['files']))}: "
+            + ", ".join(f"{kind} {report['lines'][kind]}" for kind in kinds) + "</p>",
             html_table(["process", "host", "records", "missing", "ended"],
                        [[p["worker"], p["hostname"], p["records"], p["missing"], "yes" if p["ended"] else "no"]
                         for p in report["processes"]])]
@@ -512,7 +514,8 @@ def html_table(header, rows):
     def cells(tag, values):
         return "".join(f"<{tag} class='text'>{html.escape(v)}</{tag}>" if isinstance(v, str)
                        else f"<{tag}>{v}</{tag}>" for v in values)
-    return f"<table><tr>{cells('th', header)}</tr>" + "".join(f"<tr>{cells('td', row)}</tr>" for row in rows) + "</table>"
+    body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
+    return f"<table><tr>{cells('th', header)}</tr>{body}</table>"
 
 
 def run_figures(run):
@@ -523,15 +526,15 @@ def run_figures(run):
     seconds = list(every_second(run))
     for _, second in seconds:
         for key in (None, *keys):
-            times = chain.from_iterable(second.response_times.values()) if key is None else second.response_times.get(
-                key, ())
-            ordered = sorted(times)
+            if key is None:
+                ordered, failures = sorted(chain.from_iterable(second.response_times.values())), second.failures.total()
+            else:
+                ordered, failures = sorted(second.response_times.get(key, ())), second.failures.get(key, 0)
             series[key, "requests"].append(len(ordered))
-            series[key, "failures"].append(second.failures.total() if key is None else second.failures.get(key, 0))
-            for what, value in zip(("p50", "p95", "p99", "max"),
-                                   [percentile(ordered, p) for p in TIMELINE_PERCENTILES] + [ordered[-1]]
-                                   if ordered else [None] * 4):
-                series[key, what].append(value if value is None else round(value, 3))
+            series[key, "failures"].append(failures)
+            values = [percentile(ordered, p) for p in TIMELINE_PERCENTILES] + [ordered[-1]] if ordered else [None] * 4
+            for what, value in zip(("p50", "p95", "p99", "max"), values):
+                series[key, what].append(None if value is None else round(value, 3))
     # Evenly spaced: x0 and dx (ms) instead of a time for every point keep an hour of 50 names small.
     x = {"x0": seconds[0][0].replace("T", " "), "dx": 1000}
     xaxis = {"type": "date", "title": {"text": "UTC"}, "range": [x["x0"], seconds[-1][0].replace("T", " ") + ".999"]}
@@ -545,10 +548,12 @@ def run_figures(run):
                    for i, label in enumerate(menu)]
         return {"data": traces, "layout": {
             "title": {"text": title}, "height": 380, "hovermode": "x unified", "yaxis": yaxis,
-            "xaxis": xaxis, "updatemenus": [{"buttons": buttons, "x": 1, "xanchor": "right", "y": 1.2, "yanchor": "top"}]}}
+            "xaxis": xaxis,
+            "updatemenus": [{"buttons": buttons, "x": 1, "xanchor": "right", "y": 1.2, "yanchor": "top"}]}}
 
     cpu = [{"type": "scatter", "mode": "lines", "name": worker_id[-12:], "hovertext": worker_id,
-            "x": [when.replace("T", " ").rstrip("Z") for when, _ in worker.cpu], "y": [value for _, value in worker.cpu]}
+            "x": [when.replace("T", " ").rstrip("Z") for when, _ in worker.cpu],
+            "y": [value for _, value in worker.cpu]}
            for worker_id, worker in sorted(run.workers.items()) if worker.cpu]
     return [over_time("Response times per second (ms)", ("p50", "p95", "p99", "max"),
                       {"type": "log", "title": {"text": "ms"}}),
@@ -575,6 +580,12 @@ def main():
         except ImportError:
             print("report: --html needs plotly, to draw its charts: pip install plotly", file=sys.stderr)
             return 2
+    for path in filter(None, (args.timeline, args.html)):
+        try:
+            open(path, "a").close()  # can be written, before minutes of reading
+        except OSError as error:
+            print(f"report: cannot write {path}: {error.strerror}", file=sys.stderr)
+            return 1
     collected = Collected(args.run, over_time=bool(args.timeline or args.html))
     try:
         progress = Progress(sum(os.path.getsize(path) for path in args.files))
