@@ -1,7 +1,7 @@
 """
 Benchmark: what logging every request costs a Locust process, and how fast one sink writes.
 
-    python bench.py                 # about 11 minutes on a 2-core machine; --rounds N for more repeats
+    python bench.py                 # about 22 minutes on a 2-core machine; --rounds N for more repeats
 
 Everything runs on 127.0.0.1 and is started and stopped here:
 
@@ -382,7 +382,8 @@ def report_run(files, env, records=REPORT_RECORDS, html=None):
     given a page to write."""
     started = time.monotonic()
     report = subprocess.Popen([sys.executable, str(REPO / "report.py"), *map(str, files), "--require-complete",
-                               "--timeline", str(files[0].with_suffix(".csv")), *(["--html", str(html)] if html else [])],
+                               "--timeline", str(files[0].with_suffix(".csv")),
+                               *(["--html", str(html)] if html else [])],
                               stdout=subprocess.PIPE, text=True, env=env, preexec_fn=on_core(MEASURED_CORE))
     output = report.stdout.read()
     _, status, usage = os.wait4(report.pid, 0)  # wait4, for the peak RSS of this process alone
