@@ -46,8 +46,10 @@ class Target(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body are two writes: without it, each response waits ~40 ms
 
     def do_GET(self):
-        # "/": 200; "/status/201": 201, and so on; anything else: 404
-        status = int(self.path[8:]) if self.path.startswith("/status/") else 200 if self.path == "/" else 404
+        # "/": 200; "/slow": 200 after 20 ms; "/status/201": 201, and so on; anything else: 404
+        status = int(self.path[8:]) if self.path.startswith("/status/") else 200 if self.path in ("/", "/slow") else 404
+        if self.path == "/slow":
+            time.sleep(0.02)
         body = b"hello" if status < 400 else b"not found"
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
@@ -160,7 +162,8 @@ def curve(request, keys):
 
 
 class SinkProcess:
-    def __init__(self, tmp_path, tag, address=None, name="sink", settings=None, file_size_limit=None, log_file=None):
+    def __init__(self, tmp_path, tag, address=None, name="sink", settings=None, file_size_limit=None, log_file=None,
+                 flags=True):
         self.address = address or f"tcp://127.0.0.1:{free_port()}"
         self.log_file = log_file or tmp_path / f"{name}.jsonl"
         self.stderr_path = tmp_path / f"{name}.err"
@@ -169,9 +172,11 @@ class SinkProcess:
         limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
                  if file_size_limit else None)
         with open(self.stderr_path, "w") as stderr:
+            where = {"ZMQ_SINK_BIND": self.address, "ZMQ_SINK_LOG_FILE": str(self.log_file)}
             self.proc = subprocess.Popen(
-                [sys.executable, str(REPO / "sink.py"), "--bind", self.address, "--log-file", str(self.log_file)],
-                stderr=stderr, env=environment(tag, **(settings or {})), preexec_fn=limit,
+                [sys.executable, str(REPO / "sink.py"), *(["--bind", self.address, "--log-file", str(self.log_file)]
+                                                          if flags else [])],
+                stderr=stderr, env=environment(tag, **(settings or {}), **({} if flags else where)), preexec_fn=limit,
             )
         wait_for(lambda: "listening on" in self.stderr(), what="the sink to bind")
 
@@ -250,27 +255,29 @@ def requests_of(records):
 
 
 def request_counts(records):
-    return Counter((r["message"]["request_type"], r["message"]["name"], r["message"]["result"])
+    """{(type, name): (requests, failures)} of the request records."""
+    return by_name((r["message"]["request_type"], r["message"]["name"], 1, r["message"]["result"] != "success")
                    for r in requests_of(records))
 
 
-def by_result(rows):
-    """Per (type, name, result), like request_counts(), from rows of (type, name, requests, failures)."""
-    counts = Counter()
+def by_name(rows):
+    """{(type, name): (requests, failures)} from rows of (type, name, requests, failures): every count, zeros
+    included (a Counter would compare a missing count as 0, and hide a name whose every request failed)."""
+    counts = {}
     for request_type, name, requests, failures in rows:
-        counts[(request_type, name, "success")] += requests - failures
-        counts[(request_type, name, "error")] += failures
-    return +counts  # drop zeros
+        before = counts.get((request_type, name), (0, 0))
+        counts[(request_type, name)] = (before[0] + requests, before[1] + failures)
+    return counts
 
 
 def locust_counts(stats):
-    return by_result((entry["method"], entry["name"], entry["num_requests"], entry["num_failures"])
-                     for entry in stats)
+    return by_name((entry["method"], entry["name"], entry["num_requests"], entry["num_failures"]) for entry in stats)
 
 
 def assert_same_counts(records, stats):
     expected = locust_counts(stats)
-    assert expected[("GET", "/", "success")] > 0 and expected[("GET", "/does-not-exist", "error")] > 0
+    assert expected[("GET", "/")][0] > 0 == expected[("GET", "/")][1]
+    assert expected[("GET", "/does-not-exist")][0] == expected[("GET", "/does-not-exist")][1] > 0
     assert request_counts(records) == expected
 
 
@@ -283,14 +290,14 @@ def the_run_id(records):
     run_ids = {r["run_id"] for r in records}
     assert len(run_ids) == 1, run_ids
     run_id = run_ids.pop()
-    assert isinstance(run_id, str) and run_id
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{8}", run_id), run_id  # <UTC start time>-<8 random hex digits>
     return run_id
 
 
 # --- every Locust mode ------------------------------------------------------------------------
 
 def test_local_run_delivers_every_request(tmp_path, tag, target, sinks, curve):
-    sink = sinks(settings=curve[0])
+    sink = sinks(settings=curve[0], flags=False)  # ZMQ_SINK_BIND and ZMQ_SINK_LOG_FILE instead
     code, stderr, stats = run_locust(tmp_path, tag, target, settings={
         "ZMQ_SINK_ADDRESS": sink.address, "LOCUST_RESOURCE_INTERVAL": "0", **curve[1]})
     assert code == 0, stderr
@@ -399,8 +406,8 @@ FULL_SPEED_LOCUSTFILE = """
 
 
 def report_counts_of(run):
-    """Per (type, name, result) from a run of report.py's JSON."""
-    return by_result((row["request_type"], row["name"], row["requests"], row["failures"]) for row in run["names"])
+    """{(type, name): (requests, failures)} from a run of report.py's JSON."""
+    return by_name((row["request_type"], row["name"], row["requests"], row["failures"]) for row in run["names"])
 
 
 def full_speed_locust(tmp_path, tag, target, sink_address, *args, seconds=8, settings=None):
@@ -545,6 +552,32 @@ def test_a_record_sent_again_is_written_once_also_by_a_sink_started_again(tmp_pa
                    ("w", 6), ("w", 7)]
 
 
+def test_a_sink_acknowledges_only_what_its_file_holds(tmp_path, tag, sinks):
+    sink = sinks(file_size_limit=3000)  # about 6 of the 10 frames below
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push, context.socket(zmq.SUB) as acks:
+        acks.rcvtimeo = 10_000
+        acks.connect(next_port(sink.address))
+        acks.subscribe(b"w")
+        push.connect(sink.address)
+        time.sleep(0.5)  # the subscription reaches the sink
+        for first in range(1, 100, 10):
+            push.send_multipart(numbered("w", first, 10))
+        wait_for(lambda: "sink: cannot write to" in sink.stderr(), what="the sink to stall")
+        time.sleep(0.5)
+        in_file = [json.loads(line)["seq"] for line in sink.log_file.read_bytes().split(b"\n")[:-1]]
+        acknowledged = []
+        while acks.poll(0):
+            acknowledged += acknowledgements(acks, 1)
+        assert 0 < len(acknowledged) < 10
+        assert [seq for _, first, count in acknowledged for seq in range(first, first + count)] == in_file[:10 * len(
+            acknowledged)], "only frames whose every record is in the file"
+        resource.prlimit(sink.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        acknowledged += acknowledgements(acks, 10 - len(acknowledged))
+    sink.stop()
+    assert sorted(acknowledged) == [(b"w", first, 10) for first in range(1, 100, 10)]
+    assert [r["seq"] for r in read_records(sink.log_file)] == list(range(1, 101))
+
+
 def test_a_sink_down_for_the_first_seconds_gets_every_record_of_master_and_workers(tmp_path, tag, target, sinks):
     address = f"tcp://127.0.0.1:{free_port()}"
     port = str(free_port())
@@ -663,36 +696,64 @@ def test_the_two_commands_work_as_a_pair_with_no_settings(tmp_path, tag, target)
 # --- across untrusted networks: CURVE ---------------------------------------------------------
 
 class Relay:
-    """A TCP relay to the sink that keeps every byte it passes on, both ways: what the network would see."""
+    """A TCP relay to the sink's two ports that keeps every byte it passes on, both ways: what the network
+    would see. vanish() makes it a host that vanished: its connections pass nothing more and stay open."""
 
     def __init__(self, to_address):
-        self.to = ("127.0.0.1", int(to_address.rsplit(":", 1)[1]))
+        to_port = int(to_address.rsplit(":", 1)[1])
+        port = free_port()
+        self.address = f"tcp://127.0.0.1:{port}"
         self.seen = bytearray()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.vanished = set()  # connections that pass nothing more
+        self.connections, self.closed = [], False
+        self.listeners = [socket.create_server(("127.0.0.1", port + i)) for i in (0, 1)]
+        for i, listener in enumerate(self.listeners):
+            threading.Thread(target=self._accept, args=(listener, ("127.0.0.1", to_port + i)), daemon=True).start()
 
-    def _accept(self):
+    def _accept(self, listener, to):
         while True:
             try:
-                client = self.listener.accept()[0]
+                client = listener.accept()[0]
             except OSError:
                 return  # closed
-            sink = socket.create_connection(self.to)
+            sink = socket.create_connection(to)
+            self.connections.append(client)
             for source, destination in ((client, sink), (sink, client)):
-                threading.Thread(target=self._pump, args=(source, destination), daemon=True).start()
+                threading.Thread(target=self._pump, args=(source, destination, client), daemon=True).start()
 
-    def _pump(self, source, destination):
+    def _pump(self, source, destination, connection):
         with source, destination:
             try:
                 while data := source.recv(65536):
+                    while connection in self.vanished and not self.closed:
+                        time.sleep(0.1)  # neither passed on nor answered: as if the host had gone
                     self.seen += data
                     destination.sendall(data)
             except OSError:
                 pass  # the other side went away
 
+    def vanish(self):
+        self.vanished.update(self.connections)
+
     def close(self):
-        self.listener.close()
+        self.closed = True
+        for listener in self.listeners + self.connections:
+            listener.close()
+
+
+def test_a_sink_host_that_vanished_is_noticed_in_seconds_and_nothing_is_lost(tmp_path, tag, target, sinks):
+    sink = sinks()
+    relay = Relay(sink.address)
+    try:
+        locust = full_speed_locust(tmp_path, tag, target, relay.address, seconds=10)
+        wait_for_full_speed(sink)
+        relay.vanish()  # its connections fall silent, not closed: no FIN, no RST, no answer to anything
+        stderr = finish(locust)
+    finally:
+        relay.close()
+    sink.stop()
+    # The heartbeats found the connections dead within seconds; the new ones carried the records again.
+    assert assert_nothing_lost(sink.log_file, stderr, tmp_path, tag, processes=1) > 0
 
 
 def test_with_curve_nothing_readable_crosses_the_network(tmp_path, tag, target, sinks, curve):
@@ -729,6 +790,7 @@ def test_a_load_generator_without_an_accepted_key_delivers_nothing_and_says_why(
         assert not sink.log_file.read_bytes(), name
     # Refused at every retry, 10 a second for seconds, and printed once.
     assert sink.stderr().count("sink: refused 127.0.0.1: its CURVE key is not in --curve-clients\n") == 1
+    assert sink.stderr().count("sink: refused a client without CURVE keys (its address is not known)\n") == 1
     code, stderr, stats = run_locust(tmp_path, tag, target, settings={
         **to_sink, "LOCUST_CURVE_SECRET": str(keys / "loadgen.key_secret")})
     assert code == 0, stderr
@@ -843,11 +905,13 @@ def test_sink_started_late_still_gets_every_record(tmp_path, tag, target, sinks)
 def test_sink_never_started_run_ends_and_reports_what_was_lost(tmp_path, tag, target):
     local_file = tmp_path / "local.jsonl"
     queue_limit = 50
-    code, stderr, stats = run_locust(tmp_path, tag, target, settings={
+    locustfile = write_locustfile(tmp_path / "probed_locustfile.py", PROBED_LOCUSTFILE)
+    code, stderr, stats = run_locust(tmp_path, tag, target, locustfile=locustfile, settings={
         "ZMQ_SINK_ADDRESS": f"tcp://127.0.0.1:{free_port()}", "ZMQ_SINK_QUEUE": str(queue_limit),
-        "LOCUST_LOG_FILE": str(local_file),
+        "LOCUST_LOG_FILE": str(local_file), "ZMQ_SINK_FLUSH_TIMEOUT": "1",
     })
     assert code == 0, stderr
+    assert largest_gap(stderr) < 0.5, stderr
     # The users kept their pace: the local file holds every request Locust counted.
     records = read_records(local_file)
     assert_same_counts(records, stats)
@@ -858,6 +922,47 @@ def test_sink_never_started_run_ends_and_reports_what_was_lost(tmp_path, tag, ta
     undelivered, dropped, limit, queued = map(int, reported.groups())
     assert (undelivered, dropped, limit, queued) == (len(records), len(records) - queue_limit, queue_limit,
                                                      queue_limit)
+    assert records[-1]["message"]["dropped"] == dropped - 1, "all but the end record, which found the queue full too"
+    # It waited ZMQ_SINK_FLUSH_TIMEOUT for acknowledgements that could not come, and no longer.
+    assert 0.9 <= flush_wait(stderr) <= 1.9, stderr
+
+
+GAP_PROBE = """
+    import sys, time
+    import gevent
+    from locust import events
+
+    largest_gap = [0.0]
+
+    def tick():  # anything that blocks the whole process shows as a gap between two ticks
+        last = time.monotonic()
+        while True:
+            gevent.sleep(0.01)
+            now = time.monotonic()
+            largest_gap[0], last = max(largest_gap[0], now - last), now
+
+    events.test_start.add_listener(lambda **kwargs: gevent.spawn(tick))
+    events.test_stop.add_listener(lambda **kwargs: print(f"largest gap: {largest_gap[0]:.3f}s", file=sys.stderr))
+"""
+
+
+def flush_wait(stderr):
+    """Seconds from Locust's "Shutting down" line to the push handler's last line, logged when it stopped
+    waiting for acknowledgements."""
+    def logged(text):
+        stamp = re.search(rf"^\[([\d-]+ [\d:]+,\d+)\] .*{text}", stderr, re.MULTILINE).group(1)
+        return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return logged("ZeroMQ sink ") - logged("Shutting down")
+
+
+PROBED_LOCUSTFILE = """
+    from locustfile import WebsiteUser
+""" + GAP_PROBE
+
+
+def largest_gap(stderr):
+    """Seconds of the longest time the process did nothing else, from GAP_PROBE: a loop of 10 ms sleeps."""
+    return float(re.search(r"largest gap: ([\d.]+)s", stderr).group(1))
 
 
 BIG_RECORDS_LOCUSTFILE = """
@@ -879,7 +984,7 @@ def test_stalled_sink_does_not_slow_the_run(tmp_path, tag, target):
     stalled = context.socket(zmq.PULL)
     stalled.setsockopt(zmq.RCVHWM, 1)
     port = stalled.bind_to_random_port("tcp://127.0.0.1")
-    locustfile = write_locustfile(tmp_path / "big_locustfile.py", BIG_RECORDS_LOCUSTFILE)
+    locustfile = write_locustfile(tmp_path / "big_locustfile.py", BIG_RECORDS_LOCUSTFILE + GAP_PROBE)
     local_file = tmp_path / "local.jsonl"
     try:
         code, stderr, stats = run_locust(tmp_path, tag, target, locustfile=locustfile, settings={
@@ -899,6 +1004,9 @@ def test_stalled_sink_does_not_slow_the_run(tmp_path, tag, target):
     not_acknowledged, dropped, queued = map(int, reported.groups())
     assert dropped > 0 and queued == 10
     assert not_acknowledged == dropped + queued == len(records)
+    assert records[-1]["message"]["dropped"] == dropped - 1, "all but the end record, which found the queue full too"
+    # The process went on while the sink refused frames: nothing blocked it for as long as a blocked loop would.
+    assert largest_gap(stderr) < 0.5, stderr
 
 
 # --- the record -------------------------------------------------------------------------------
@@ -1021,6 +1129,37 @@ def test_locust_used_as_a_library_writes_every_request_and_the_end_record(tmp_pa
     assert re.search(r"all \d+ records acknowledged", result.stderr), result.stderr
 
 
+TIMES_LOCUSTFILE = """
+    import locustfile
+    from locust import FastHttpUser, constant, task
+
+    class TimedUser(FastHttpUser):
+        wait_time = constant(0.01)
+
+        @task
+        def pages(self):
+            self.client.get("/slow")  # 20 ms and more: a request's start and end are apart
+            self.client.get("/")
+"""
+
+
+def test_response_times_are_locusts_own_and_time_is_when_a_request_ended(tmp_path, tag, target):
+    local_file = tmp_path / "local.jsonl"
+    code, stderr, stats = run_locust(tmp_path, tag, target, settings={"LOCUST_LOG_FILE": str(local_file)},
+                                     locustfile=write_locustfile(tmp_path / "times_locustfile.py", TIMES_LOCUSTFILE))
+    assert code == 0, stderr
+    records = requests_of(read_records(local_file))
+    assert request_counts(records) == locust_counts(stats)
+    for entry in stats:  # Locust's own sum of the unrounded response times
+        times = [r["message"]["response_time"] for r in records if r["message"]["name"] == entry["name"]]
+        assert math.isclose(math.fsum(times), entry["total_response_time"], rel_tol=1e-9), entry["name"]
+    for r in records:
+        ended = datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp()
+        # `time` has whole milliseconds; the request ended response_time after it started
+        assert -0.0011 < ended - r["message"]["start_time"] - r["message"]["response_time"] / 1000 < 0.1, r
+    assert min(r["message"]["response_time"] for r in records if r["message"]["name"] == "/slow") >= 20
+
+
 def test_status_codes_and_failures_as_locust_groups_them(tmp_path, tag, target, sinks):
     sink = sinks()
     locustfile = write_locustfile(tmp_path / "status_locustfile.py",
@@ -1038,7 +1177,8 @@ def test_status_codes_and_failures_as_locust_groups_them(tmp_path, tag, target, 
     assert {row["name"]: row["status"] for row in run["names"]} == {
         f"{kind} {name}": {str(status): statuses[f"{kind} {name}", status]}
         for kind in ("fast", "requests") for name, status in STATUS_OF.items()}
-    assert run["total"]["status"] == {str(s): n for s, n in sorted(Counter(r["message"]["status"] for r in records).items())}
+    every_status = Counter(r["message"]["status"] for r in records)
+    assert run["total"]["status"] == {str(status): every_status[status] for status in sorted(every_status)}
     # The failures table groups as Locust's: the same groups, the same counts, whatever the URL.
     with open(tmp_path / "locust_failures.csv", newline="") as failures_csv:
         expected = sorted((row["Method"], row["Name"], row["Error"], int(row["Occurrences"]))
@@ -1054,6 +1194,7 @@ def test_status_codes_and_failures_as_locust_groups_them(tmp_path, tag, target, 
 
 
 ODD_VALUES_LOCUSTFILE = """
+    from datetime import datetime, timezone
     from locustfile import logger  # the hooks register themselves on import
     from locust import FastHttpUser, constant, task
 
@@ -1077,7 +1218,8 @@ ODD_VALUES_LOCUSTFILE = """
         def odd(self):
             circular = {}
             circular["self"] = circular
-            for context in ({"bytes": b"\\xff\\x00", "object": Opaque(), "error": ValueError("boom")},
+            for context in ({"bytes": b"\\xff\\x00", "object": Opaque(), "error": ValueError("boom"),
+                             "when": datetime(2026, 11, 28, 10, 0, tzinfo=timezone.utc)},
                             {(1, 2): "tuple key"}, {"nan": float("nan")}, circular, {"broken": Broken()}):
                 with self.client.get("/", name="odd", context=context, catch_response=True) as response:
                     response.failure(ValueError("custom failure"))
@@ -1096,10 +1238,12 @@ def test_values_json_cannot_encode_become_strings(tmp_path, tag, target, without
     assert code == 0, stderr
     # Tracebacks from Locust's own listener only (UnprintableError), none from the hooks
     assert stderr.count("Traceback") == stderr.count("Uncaught exception in event handler"), stderr
+    assert "ZeroMQ sink" not in stderr, "ZMQ_SINK_ADDRESS= (empty): no pushing, so no push handler to report"
     records = read_records(local_file)
     assert request_counts(records) == locust_counts(stats) and stats[0]["num_failures"] >= 5
     others = [r["message"]["other"] for r in requests_of(records)]
-    assert {"bytes": "b'\\xff\\x00'", "object": "<opaque>", "error": "boom"} in others
+    assert {"bytes": "b'\\xff\\x00'", "object": "<opaque>", "error": "boom",
+            "when": "2026-11-28 10:00:00+00:00"} in others
     assert "{(1, 2): 'tuple key'}" in others
     # The one difference between the two encoders: orjson writes NaN as null.
     assert ({"nan": None} if orjson else "{'nan': nan}") in others
@@ -1169,8 +1313,13 @@ def test_bad_input_is_counted_and_never_written(tmp_path, tag, sinks, without_ac
     bad_frames = sum(len(frames) for frames in BAD_MESSAGES.values()) + 2
     assert f"{len(valid)} records written" in summary
     assert f"{bad_frames} frames rejected" in summary
-    for reason in ("empty", "empty line", "over 1 MiB", "carriage return", "not UTF-8", "not JSON", "not an object"):
-        assert reason in summary
+    reasons = re.search(r"frames rejected \((.*?)\)", summary).group(1)
+    counts = {reason: int(n) for n, reason in re.findall(r"(\d+) ([^,]+)", reasons)}
+    assert set(counts) == {"empty", "empty line", "over 1 MiB", "carriage return", "not UTF-8", "not JSON",
+                           "not an object"} and sum(counts.values()) == bad_frames
+    # The first frame rejected for each reason is shown, once, with its start.
+    shown = re.findall(r"^sink: rejected a frame \((.+?)\): b", sink.stderr(), re.MULTILINE)
+    assert sorted(shown) == sorted(counts)
 
 
 def complete_lines(path):
@@ -1387,9 +1536,30 @@ def test_sigterm_while_stalled_says_what_it_could_not_write(tmp_path, tag, sinks
     written, held = map(int, re.search(r"(\d+) records written in .*, (\d+) records received but not written: the "
                                        r"file refused them", summary).groups())
     lines = sink.log_file.read_bytes().split(b"\n")
-    assert written == len(lines) - 1 and held > 0 and written + held <= 100
+    # Stalled, it takes nothing more from ZeroMQ: it holds only the record whose write failed.
+    assert written == len(lines) - 1 and held == 1
     assert [json.loads(line)["n"] for line in lines[:-1]] == list(range(written))
     assert lines[-1] and b'"n": %d' % written in lines[-1], "the record cut short is the first one held"
+
+
+def test_on_sigterm_the_sink_writes_what_has_already_arrived(tmp_path, tag, sinks):
+    sink = sinks(file_size_limit=10_000)
+    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
+        push.connect(sink.address)
+        for n in range(100):
+            push.send(json.dumps({"n": n, "pad": "x" * 200}).encode())
+        wait_for(lambda: "sink: cannot write to" in sink.stderr(), what="the sink to stall")
+        time.sleep(0.5)  # meanwhile ZeroMQ fills the sink's queue: the next message has arrived
+        whole_lines = sink.log_file.read_bytes().count(b"\n")
+        # The file takes writes again, and SIGTERM comes while the sink waits to try again: its loop ends right
+        # after it wrote what it held, with that message waiting. Only its last drain writes it.
+        resource.prlimit(sink.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        summary = sink.stop()
+        push.close(linger=0)
+    records = read_records(sink.log_file)
+    assert [r["n"] for r in records] == list(range(len(records)))
+    assert len(records) >= whole_lines + 2, "the record it held, and what had arrived"
+    assert f"{len(records)} records written" in summary and "not written" not in summary
 
 
 # --- runs and resource samples ----------------------------------------------------------------
@@ -1564,9 +1734,9 @@ def report(*args, expect_code=0):
 
 
 def report_counts(table):
-    """Per (type, name, result) from a report's printed table."""
-    return by_result((request_type, name, int(requests), int(failures))
-                     for (request_type, name), (requests, failures, *_) in table.items() if name != "Aggregated")
+    """{(type, name): (requests, failures)} from a report's printed table."""
+    return by_name((request_type, name, int(requests), int(failures))
+                   for (request_type, name), (requests, failures, *_) in table.items() if name != "Aggregated")
 
 
 def assert_complete(*files, processes):
@@ -1796,7 +1966,12 @@ def test_report_of_an_empty_file_an_unknown_run_or_a_missing_file(tmp_path):
     assert missing.stderr == f"report: cannot read {tmp_path / 'missing.jsonl'}: No such file or directory\n"
     one_run = tmp_path / "one_run.jsonl"
     one_run.write_text(record_line("10:00:00", RUN_A, request("GET", "/", 1)) + "\n")
-    assert report(one_run, "--run", RUN_B, expect_code=1)[0] == {}
+    nowhere = tmp_path / "no such folder" / "page.html"
+    unwritable = run_report(one_run, "--html", nowhere, expect_code=1)
+    assert unwritable.stderr == f"report: cannot write {nowhere}: No such file or directory\n"
+    unknown = run_report(one_run, one_run, "--run", RUN_B, expect_code=1)
+    assert unknown.stdout == ""
+    assert unknown.stderr == f"report: no run {RUN_B} in {one_run}, {one_run}. Its runs: {RUN_A}\n"
 
 
 def page_requests(net_log):

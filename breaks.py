@@ -1,0 +1,231 @@
+"""
+Breaks the code on purpose, one way at a time, in a scratch copy, and runs the test that must then fail:
+each promise of the README, with the test that keeps it.
+
+    python breaks.py              # every break, one after the other (about 20 minutes on 2 cores)
+    python breaks.py queue run_id # only the breaks whose promise or test names one of these words
+    python breaks.py --check      # only check that every break still applies to today's code
+
+A break replaces texts that must each occur exactly once in its file, so a break that no longer fits the
+code fails loudly instead of passing quietly. Exit status 1 if any test passed on its break. Not run in CI:
+it runs the slower tests once per break.
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+REAL_SLEEP = 'gevent.monkey.get_original("time", "sleep")(1)'  # not gevent's: blocks every greenlet
+
+# (promise, file, [(text, replaced by), ...], the test that must fail)
+BREAKS = [
+    # --- the locustfile
+    ("the push handler never blocks the process, while a sink refuses frames or none is there", "locustfile.py",
+     [("                    return  # no sink connected", f"{' ' * 20}{REAL_SLEEP}\n{' ' * 20}return")],
+     "test_stalled_sink_does_not_slow_the_run"),
+    ("ZMQ_SINK_ADDRESS= (empty) turns pushing off", "locustfile.py",
+     [("value = os.environ.get(name, default)", "value = os.environ.get(name) or default")],
+     "test_values_json_cannot_encode_become_strings"),
+    ("ZMQ_SINK_FLUSH_TIMEOUT: a quitting process waits at most that long", "locustfile.py",
+     [("deadline = time.monotonic() + self.flush_timeout", "deadline = time.monotonic() + self.flush_timeout + 5")],
+     "test_sink_never_started_run_ends_and_reports_what_was_lost"),
+    ("ZMQ_SINK_QUEUE: records a process holds until acknowledged", "locustfile.py",
+     [("room = max(0, self.queue_limit - self.queued)", "room = max(0, 100000 - self.queued)")],
+     "test_sink_never_started_run_ends_and_reports_what_was_lost"),
+    ("a request's time is when it ended", "locustfile.py",
+     [("self.pending.append((time.time(), request_type,", 'self.pending.append((kwargs["start_time"], request_type,')],
+     "test_response_times_are_locusts_own_and_time_is_when_a_request_ended"),
+    ("response_time is Locust's, unrounded", "locustfile.py",
+     [('message["response_time"], message["response_length"] = response_time,',
+       'message["response_time"], message["response_length"] = math.ceil(response_time),')],
+     "test_response_times_are_locusts_own_and_time_is_when_a_request_ended"),
+    ("datetimes in a context become their str(), with orjson too", "locustfile.py",
+     [("orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME |", "orjson.OPT_NON_STR_KEYS |")],
+     "test_values_json_cannot_encode_become_strings"),
+    ("the end record's dropped counts what the full queue refused", "locustfile.py",
+     [('"dropped": self.pusher.dropped if self.pusher else 0})', '"dropped": 0})')],
+     "test_stalled_sink_does_not_slow_the_run"),
+    ("run ids are <UTC start time>-<8 hex digits>", "locustfile.py",
+     [('time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + secrets.token_hex(4)', "secrets.token_hex(12)")],
+     "test_local_run_delivers_every_request"),
+    ("workers take the master's run id", "locustfile.py",
+     [("run_id = environment.parsed_options.request_log_run_id", "run_id = secrets.token_hex(4)")],
+     "test_master_and_workers_deliver_every_request"),
+    ("a worker's local file is <name>.<worker>.jsonl", "locustfile.py",
+     [('path = path.with_name(f"{path.stem}.{worker}{path.suffix}")', "pass")],
+     "test_processes_run_delivers_every_request_from_each_process"),
+    ("HOST labels the records", "locustfile.py",
+     [('HOSTNAME = os.environ.get("HOST") or socket.gethostname()', "HOSTNAME = socket.gethostname()")],
+     "test_record_format"),
+    ("LOCUST_RESOURCE_INTERVAL: seconds between resource samples", "locustfile.py",
+     [("gevent.sleep(self.interval)", "gevent.sleep(2)")],
+     "test_resource_samples_come_from_each_worker_at_the_interval"),
+    ("status is the response's status code", "locustfile.py",
+     [('getattr(kwargs.get("response"), "status_code", None)', "None")],
+     "test_status_codes_and_failures_as_locust_groups_them"),
+    ("exception is Locust's own text for the error", "locustfile.py",
+     [('message["exception"] = StatsError.parse_error(', 'message["exception"] = str(')],
+     "test_status_codes_and_failures_as_locust_groups_them"),
+    ("Locust used as a library: the tail is written at exit", "locustfile.py",
+     [("            atexit.register(self.close)\n", "")],
+     "test_locust_used_as_a_library_writes_every_request_and_the_end_record"),
+    ("heartbeats notice a sink host that vanished in seconds", "locustfile.py",
+     [("            socket_.setsockopt(zmq.HEARTBEAT_IVL, self.HEARTBEAT_IVL)\n", ""),
+      ("            socket_.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.HEARTBEAT_TIMEOUT)\n", "")],
+     "test_a_sink_host_that_vanished_is_noticed_in_seconds_and_nothing_is_lost"),
+    ("delivered means written: a frame is kept until acknowledged", "locustfile.py",
+     [("                self.in_flight.append(frame)\n", "                del self.unacked[frame.first]\n"
+       "                self.acked += frame.count\n                self.queued -= frame.count\n")],
+     "test_a_frozen_sink_whose_connections_are_reset_loses_nothing"),
+    ("with CURVE, nothing readable crosses the network", "locustfile.py",
+     [("            if curve_keys:  # encrypted", "            if False:  # encrypted")],
+     "test_with_curve_nothing_readable_crosses_the_network"),
+    ("nothing is lost in a normal run: the last batch is written at quit", "locustfile.py",
+     [("        self.writer.kill()\n        self.write_pending()\n", "        self.writer.kill()\n")],
+     "test_local_run_delivers_every_request"),
+    ("a failed request's loglevel is ERROR", "locustfile.py",
+     [('"INFO" if exception is None else "ERROR", message)', '"INFO", message)')],
+     "test_record_format"),
+    ("seq numbers a process's records 1, 2, 3, ...", "locustfile.py",
+     [("        self.seq += 1\n", "        self.seq += 1 + (self.seq == 5)\n")],
+     "test_record_format"),
+    ("the end record's records counts itself too", "locustfile.py",
+     [('"records": self.formatter.seq + 1,', '"records": self.formatter.seq,')],
+     "test_record_format"),
+    # --- the sink
+    ("a full disk loses nothing: the sink keeps what it could not write", "sink.py",
+     [("                self.held[0] = (data, records, ack)\n", "                self.held.popleft()\n")],
+     "test_a_full_disk_stalls_the_sink_and_loses_nothing"),
+    ("a stalled sink takes nothing more from ZeroMQ", "sink.py",
+     [("while time.monotonic() < deadline and not self.held:", "while time.monotonic() < deadline:"),
+      ("            if sink.held:  # stalled", "            if False:  # stalled")],
+     "test_sigterm_while_stalled_says_what_it_could_not_write"),
+    ("the sink's memory has one bound: RCVHWM", "sink.py",
+     [("    pull.setsockopt(zmq.RCVHWM, RCVHWM)\n", "")],
+     "test_the_sinks_memory_has_one_bound_while_its_file_refuses_writes"),
+    ("the sink's memory has one bound: the frame size limit", "sink.py",
+     [("    pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)\n", "")],
+     "test_the_sinks_memory_has_one_bound_for_huge_frames"),
+    ("ZMQ_SINK_BIND sets the sink's address", "sink.py",
+     [('default=os.environ.get("ZMQ_SINK_BIND", "tcp://127.0.0.1:5555")', 'default="tcp://127.0.0.1:5555"')],
+     "test_local_run_delivers_every_request"),
+    ("ZMQ_SINK_LOG_FILE sets the sink's file", "sink.py",
+     [('default=os.environ.get("ZMQ_SINK_LOG_FILE", "requests.jsonl")', 'default="requests.jsonl"')],
+     "test_local_run_delivers_every_request"),
+    ("python sink.py listens on 127.0.0.1 only", "sink.py",
+     [('default=os.environ.get("ZMQ_SINK_BIND", "tcp://127.0.0.1:5555")',
+       'default=os.environ.get("ZMQ_SINK_BIND", "tcp://*:5555")')],
+     "test_the_two_commands_work_as_a_pair_with_no_settings"),
+    ("on SIGTERM the sink writes what has already arrived", "sink.py",
+     [("        sink.drain(pull, max_seconds=2.0)\n", "")],
+     "test_on_sigterm_the_sink_writes_what_has_already_arrived"),
+    ("the sink prints the first rejection of each reason", "sink.py",
+     [('print(f"sink: rejected a frame ({reason}): {frame[:80]!r}", file=sys.stderr)', "pass")],
+     "test_bad_input_is_counted_and_never_written"),
+    ("the sink prints a client without CURVE keys once", "sink.py",
+     [('print(f"sink: refused {kind} (its address is not known)", file=sys.stderr, flush=True)', "pass")],
+     "test_a_load_generator_without_an_accepted_key_delivers_nothing_and_says_why"),
+    ("a line with a carriage return is rejected", "sink.py",
+     [('if b"\\r" in frame:', "if False:")],
+     "test_bad_input_is_counted_and_never_written"),
+    ("the sink writes each (worker, seq) once", "sink.py",
+     [("new = self.seqs[worker].missing(first, first + len(lines))", "new = [(first, first + len(lines))]")],
+     "test_a_record_sent_again_is_written_once_also_by_a_sink_started_again"),
+    ("a sink started on a file cuts its incomplete last line", "sink.py",
+     [("    if end < size:\n", "    if False:\n")],
+     "test_sink_appends_and_cuts_only_an_incomplete_last_line"),
+    ("the sink acknowledges only what is in its file", "sink.py",
+     [("        self.held.append((memoryview(data), records, (worker, first, len(lines), new)))",
+       "        self.acks_due[worker].append(b\"%d %d\" % (first, len(lines)))\n"
+       "        self.held.append((memoryview(data), records, (worker, first, len(lines), new)))"),
+      ('                self.acks_due[worker].append(b"%d %d" % (first, count))\n', "")],
+     "test_a_sink_acknowledges_only_what_its_file_holds"),
+    # --- the report
+    ("percentiles are the nearest rank", "report.py",
+     [("return ordered[-(-len(ordered) * percent // 100) - 1]", "return ordered[len(ordered) * percent // 100]")],
+     "test_report_percentiles_counts_and_timeline_on_hand_checkable_data"),
+    ("req/s is requests over the time from the first request's end to the last one's", "report.py",
+     [('"requests_per_second": len(ordered) / span if span else None,',
+       '"requests_per_second": len(ordered) / (span + 1) if span else None,')],
+     "test_report_percentiles_counts_and_timeline_on_hand_checkable_data"),
+    ("a record in several files counts once", "report.py",
+     [('        elif not process.first_sight(seq):\n            return "duplicate"\n',
+       "        else:\n            process.first_sight(seq)\n")],
+     "test_report_merges_files_by_worker_and_seq_and_finds_what_is_missing"),
+    ("--require-complete exits 1 unless complete", "report.py",
+     [('return 1 if args.require_complete and not report["complete"] else 0', "return 0")],
+     "test_report_of_an_empty_file_an_unknown_run_or_a_missing_file"),
+    ("--run with an unknown id lists the ids the files hold", "report.py",
+     [(". Its runs: {runs}", "")],
+     "test_report_of_an_empty_file_an_unknown_run_or_a_missing_file"),
+    ("the failures table groups as Locust does", "report.py",
+     [("self.errors[(*key, error)] += 1", "self.errors[(*key, error[:12])] += 1")],
+     "test_status_codes_and_failures_as_locust_groups_them"),
+    ("status codes are counted per name", "report.py",
+     [("self.statuses[key, status] += 1", "self.statuses[key, status] += 1 + (status == 404)")],
+     "test_status_codes_and_failures_as_locust_groups_them"),
+    ("--html needs no network", "report.py",
+     [("include_plotlyjs=next(scripts, False)", 'include_plotlyjs="cdn"')],
+     "test_the_html_report_opens_offline_in_a_real_browser"),
+    ("--html escapes every text from the files", "report.py",
+     [("<{tag} class='text'>{html.escape(v)}</{tag}>", "<{tag} class='text'>{v}</{tag}>")],
+     "test_the_html_report_opens_offline_in_a_real_browser"),
+    ("progress shows on a terminal only", "report.py",
+     [("if seconds > 1 and sys.stderr.isatty():", "if seconds > 1:")],
+     "test_progress_shows_on_a_terminal_only_while_reading_takes_more_than_a_second"),
+]
+
+
+def apply(folder, path, replacements):
+    file = folder / path
+    text = file.read_text()
+    for old, new in replacements:
+        if text.count(old) != 1:
+            raise SystemExit(f"breaks: {path}: {old!r} occurs {text.count(old)} times, not once; update the break")
+        text = text.replace(old, new)
+    file.write_text(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("words", nargs="*", help="only the breaks whose promise or test holds one of these")
+    parser.add_argument("--check", action="store_true", help="only check that every break applies")
+    args = parser.parse_args()
+    chosen = [b for b in BREAKS if not args.words or any(w in b[0] or w in b[3] for w in args.words)]
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    survived = []
+    for number, (promise, path, replacements, test) in enumerate(chosen, 1):
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch)
+            for name in tracked:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, folder / name)
+            apply(folder, path, replacements)
+            if args.check:
+                continue
+            started = time.monotonic()
+            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                     f"test_sink.py::{test}"], cwd=folder, capture_output=True, text=True)
+        caught = result.returncode == 1 and " failed" in result.stdout
+        print(f"{number:2}. {promise}\n    {path}: {'caught by' if caught else 'NOT CAUGHT by'} {test} "
+              f"({time.monotonic() - started:.0f} s)", flush=True)
+        if not caught:
+            survived.append(promise)
+            print("    " + "\n    ".join(result.stdout.strip().splitlines()[-3:]), flush=True)
+    if args.check:
+        print(f"every one of the {len(chosen)} breaks applies")
+    elif survived:
+        print(f"\n{len(survived)} of {len(chosen)} breaks passed their test: {'; '.join(survived)}")
+        return 1
+    else:
+        print(f"\nevery one of the {len(chosen)} breaks made its test fail")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
