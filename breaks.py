@@ -26,7 +26,8 @@ REAL_SLEEP = 'gevent.monkey.get_original("time", "sleep")(1)'  # not gevent's: b
 BREAKS = [
     # --- the locustfile
     ("the push handler never blocks the process, while a sink refuses frames or none is there", "locustfile.py",
-     [("                    return  # no sink connected", f"{' ' * 20}{REAL_SLEEP}\n{' ' * 20}return")],
+     [("return  # no sink connected, or it is behind: keep the frames, try again later",
+       f"{REAL_SLEEP}\n{' ' * 20}return")],
      "test_stalled_sink_does_not_slow_the_run"),
     ("ZMQ_SINK_ADDRESS= (empty) turns pushing off", "locustfile.py",
      [("value = os.environ.get(name, default)", "value = os.environ.get(name) or default")],
@@ -182,6 +183,7 @@ BREAKS = [
 
 
 def apply(folder, path, replacements):
+    """Break the file; a break must still compile, so that its test fails on what it broke."""
     file = folder / path
     text = file.read_text()
     for old, new in replacements:
@@ -189,6 +191,7 @@ def apply(folder, path, replacements):
             raise SystemExit(f"breaks: {path}: {old!r} occurs {text.count(old)} times, not once; update the break")
         text = text.replace(old, new)
     file.write_text(text)
+    compile(text, path, "exec")
 
 
 def main():
@@ -214,9 +217,12 @@ def main():
         caught = result.returncode == 1 and " failed" in result.stdout
         print(f"{number:2}. {promise}\n    {path}: {'caught by' if caught else 'NOT CAUGHT by'} {test} "
               f"({time.monotonic() - started:.0f} s)", flush=True)
+        # why it failed: the first line pytest marks as the error
+        lines = result.stdout.splitlines()
+        print("    " + next((line for line in lines if line.startswith("E ")), lines[-1] if lines else "")[:200],
+              flush=True)
         if not caught:
             survived.append(promise)
-            print("    " + "\n    ".join(result.stdout.strip().splitlines()[-3:]), flush=True)
     if args.check:
         print(f"every one of the {len(chosen)} breaks applies")
     elif survived:
