@@ -394,7 +394,12 @@ def read_events(monitor, sink, reported):
         if event == zmq.EVENT_DISCONNECTED:
             sink.dropped_connections += 1
             continue
-        kind = FAILED_HANDSHAKES.get(code, f"a client whose handshake failed (ZeroMQ protocol error {code:#x})")
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            # A client without CURVE keys sees the mismatch too: whichever side sees it first closes, and when
+            # that is the client, the sink learns no more than this.
+            kind = "a client that closed its connection during the handshake, as one without CURVE keys does"
+        else:
+            kind = FAILED_HANDSHAKES.get(code, f"a client whose handshake failed (ZeroMQ protocol error {code:#x})")
         if kind not in reported:
             reported.add(kind)
             print(f"sink: refused {kind} (its address is not known)", file=sys.stderr, flush=True)
@@ -487,7 +492,9 @@ def main():
 
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
-    monitor, reported = pull.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_DISCONNECTED), set()
+    events = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_DISCONNECTED
+    monitor = pull.get_monitor_socket(events | (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL if curve else 0))
+    reported = set()
     poller.register(monitor, zmq.POLLIN)
     with out:
         sink = Sink(out, args.log_file, held, acks)

@@ -24,6 +24,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -520,14 +521,22 @@ def numbered(worker, first, count):
         {"worker": worker, "seq": seq, "message": "x"}).encode() for seq in range(first, first + count))]
 
 
-def test_a_record_sent_again_is_written_once_also_by_a_sink_started_again(tmp_path, tag, sinks):
-    sink = sinks()
+@contextmanager
+def load_generator(sink):
+    """A PUSH socket to the sink, and a SUB socket for its acknowledgements to the worker "w" (and "w2", as
+    subscriptions match prefixes)."""
     with zmq.Context() as context, context.socket(zmq.PUSH) as push, context.socket(zmq.SUB) as acks:
         acks.rcvtimeo = 10_000
         acks.connect(next_port(sink.address))
         acks.subscribe(b"w")
         push.connect(sink.address)
         time.sleep(0.5)  # the subscription reaches the sink
+        yield push, acks
+
+
+def test_a_record_sent_again_is_written_once_also_by_a_sink_started_again(tmp_path, tag, sinks):
+    sink = sinks()
+    with load_generator(sink) as (push, acks):
         for message in (numbered("w", 1, 3), numbered("w", 1, 3), numbered("w2", 1, 2), numbered("w", 4, 2)):
             push.send_multipart(message)
         # Every frame is acknowledged once written, copies too; only "w"'s subscription hears "w"'s.
@@ -556,12 +565,7 @@ def test_a_record_sent_again_is_written_once_also_by_a_sink_started_again(tmp_pa
 
 def test_a_sink_acknowledges_only_what_its_file_holds(tmp_path, tag, sinks):
     sink = sinks(file_size_limit=3000)  # about 6 of the 10 frames below
-    with zmq.Context() as context, context.socket(zmq.PUSH) as push, context.socket(zmq.SUB) as acks:
-        acks.rcvtimeo = 10_000
-        acks.connect(next_port(sink.address))
-        acks.subscribe(b"w")
-        push.connect(sink.address)
-        time.sleep(0.5)  # the subscription reaches the sink
+    with load_generator(sink) as (push, acks):
         for first in range(1, 100, 10):
             push.send_multipart(numbered("w", first, 10))
         wait_for(lambda: "sink: cannot write to" in sink.stderr(), what="the sink to stall")
@@ -792,7 +796,10 @@ def test_a_load_generator_without_an_accepted_key_delivers_nothing_and_says_why(
         assert not sink.log_file.read_bytes(), name
     # Refused at every retry, 10 a second for seconds, and printed once.
     assert sink.stderr().count("sink: refused 127.0.0.1: its CURVE key is not in --curve-clients\n") == 1
-    assert sink.stderr().count("sink: refused a client without CURVE keys (its address is not known)\n") == 1
+    # The client without keys is named once: as such, or, when it saw the mismatch first and closed, as that
+    keyless = [sink.stderr().count(f"sink: refused a client {kind} (its address is not known)\n") for kind in (
+        "without CURVE keys", "that closed its connection during the handshake, as one without CURVE keys does")]
+    assert max(keyless) == 1 and sum(keyless) >= 1, keyless
     code, stderr, stats = run_locust(tmp_path, tag, target, settings={
         **to_sink, "LOCUST_CURVE_SECRET": str(keys / "loadgen.key_secret")})
     assert code == 0, stderr
@@ -1526,15 +1533,23 @@ def test_a_full_disk_stalls_the_sink_and_loses_nothing(tmp_path, tag, target, si
     assert_complete(sink.log_file, processes=1)
 
 
-def test_sigterm_while_stalled_says_what_it_could_not_write(tmp_path, tag, sinks):
+@contextmanager
+def stalled_sink(sinks):
+    """A sink whose file refused a write after about 45 of the 100 records pushed to it, while the pushing
+    socket is still connected."""
     sink = sinks(file_size_limit=10_000)
     with zmq.Context() as context, context.socket(zmq.PUSH) as push:
         push.connect(sink.address)
         for n in range(100):
             push.send(json.dumps({"n": n, "pad": "x" * 200}).encode())
         wait_for(lambda: "sink: cannot write to" in sink.stderr(), what="the sink to stall")
-        summary = sink.stop()
+        yield sink
         push.close(linger=0)
+
+
+def test_sigterm_while_stalled_says_what_it_could_not_write(tmp_path, tag, sinks):
+    with stalled_sink(sinks) as sink:
+        summary = sink.stop()
     written, held = map(int, re.search(r"(\d+) records written in .*, (\d+) records received but not written: the "
                                        r"file refused them", summary).groups())
     lines = sink.log_file.read_bytes().split(b"\n")
@@ -1545,19 +1560,13 @@ def test_sigterm_while_stalled_says_what_it_could_not_write(tmp_path, tag, sinks
 
 
 def test_on_sigterm_the_sink_writes_what_has_already_arrived(tmp_path, tag, sinks):
-    sink = sinks(file_size_limit=10_000)
-    with zmq.Context() as context, context.socket(zmq.PUSH) as push:
-        push.connect(sink.address)
-        for n in range(100):
-            push.send(json.dumps({"n": n, "pad": "x" * 200}).encode())
-        wait_for(lambda: "sink: cannot write to" in sink.stderr(), what="the sink to stall")
+    with stalled_sink(sinks) as sink:
         time.sleep(0.5)  # meanwhile ZeroMQ fills the sink's queue: the next message has arrived
         whole_lines = sink.log_file.read_bytes().count(b"\n")
         # The file takes writes again, and SIGTERM comes while the sink waits to try again: its loop ends right
         # after it wrote what it held, with that message waiting. Only its last drain writes it.
         resource.prlimit(sink.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         summary = sink.stop()
-        push.close(linger=0)
     records = read_records(sink.log_file)
     assert [r["n"] for r in records] == list(range(len(records)))
     assert len(records) >= whole_lines + 2, "the record it held, and what had arrived"
