@@ -1139,8 +1139,21 @@ def test_locust_used_as_a_library_writes_every_request_and_the_end_record(tmp_pa
 
 
 TIMES_LOCUSTFILE = """
+    import json, sys, time
+    from datetime import datetime
     import locustfile
-    from locust import FastHttpUser, constant, task
+    from locust import FastHttpUser, constant, events, task
+
+    class Delay(locustfile.LinesHandler):  # how long after its end a request's line reaches the handlers
+        largest = 0.0
+
+        def write_lines(self, lines, first_seq):
+            for line in lines:
+                ended = datetime.fromisoformat(json.loads(line)["time"].replace("Z", "+00:00")).timestamp()
+                Delay.largest = max(Delay.largest, time.time() - ended)
+
+    events.init.add_listener(lambda **kwargs: locustfile.request_log.handlers.append(Delay()))
+    events.test_stop.add_listener(lambda **kwargs: print(f"largest delay: {Delay.largest:.3f}s", file=sys.stderr))
 
     class TimedUser(FastHttpUser):
         wait_time = constant(0.01)
@@ -1167,6 +1180,9 @@ def test_response_times_are_locusts_own_and_time_is_when_a_request_ended(tmp_pat
         # `time` has whole milliseconds; the request ended response_time after it started
         assert -0.0011 < ended - r["message"]["start_time"] - r["message"]["response_time"] / 1000 < 0.1, r
     assert min(r["message"]["response_time"] for r in records if r["message"]["name"] == "/slow") >= 20
+    # Within 50 ms of its end, a request's line reaches the handlers (up to 1 ms more: `time` is cut to ms)
+    delay = float(re.search(r"largest delay: ([\d.]+)s", stderr).group(1))
+    assert 0 < delay < 0.3, f"a line reached the handlers {delay:.3f}s after its request ended"
 
 
 def test_status_codes_and_failures_as_locust_groups_them(tmp_path, tag, target, sinks):
