@@ -35,9 +35,11 @@ process of a test, a new one for each test (``null`` before the first). ``seq`` 
 process 1, 2, 3, ..., whatever their kind, so (``worker``, ``seq``) names one record and a gap shows a lost
 one. For a request the message is an object::
 
-    {"class": "request", "request_type": "GET", "name": "/", "result": "success" | "error",
-     "response_time": 1.84, "response_length": 612, "exception": "<errors only>",
+    {"class": "request", "request_type": "GET", "name": "/", "result": "success" | "error", "status": 200,
+     "response_time": 1.84, "response_length": 612, "exception": "<errors only: Locust's text for it>",
      "start_time": 1795882235.585, "url": "http://127.0.0.1:8089/", "other": <request context>}
+
+``status`` is 0 where no response came, and absent for a client that passes no response object.
 
 Every process that runs users adds, every ``LOCUST_RESOURCE_INTERVAL`` seconds while a test runs::
 

@@ -7,6 +7,7 @@ Usage::
     python report.py requests.jsonl                           # a sink's file
     python report.py requests.jsonl local.*.jsonl --require-complete   # fill its gaps from local copies
     python report.py requests.jsonl --run RUN_ID --timeline timeline.csv --json
+    python report.py requests.jsonl --html report.html        # a page with charts (pip install plotly)
 
 Files are read as one: a record in several of them (the same ``worker`` and ``seq``) counts once. Each
 process numbers its records 1, 2, 3, ... and ends with a record that says how many it made, so a gap in the
@@ -15,9 +16,11 @@ after its last record here is unknown. Records without ``seq`` (from other clien
 but cannot be checked. ``--require-complete`` exits 1 unless every process is there whole.
 
 Then per run: per request name and in total, requests, failures, requests/s and the 50th, 90th, 95th and
-99th percentile and the maximum, from every raw response time; each worker's peak CPU and memory from its
-resource samples. ``--timeline`` also writes one CSV row per second of each run. ``--json`` prints it all
-as one JSON object.
+99th percentile and the maximum, from every raw response time; the status codes per name; the failures,
+grouped as Locust's failures table groups them (by Locust's error text, which is the record's); each
+worker's peak CPU and memory from its resource samples. ``--timeline`` also writes one CSV row per second
+of each run, ``--html`` one self-contained page with the tables and charts per second. ``--json`` prints
+it all as one JSON object.
 """
 
 import argparse
