@@ -2,7 +2,7 @@
 Breaks the code on purpose, one way at a time, in a scratch copy, and runs the test that must then fail:
 each promise of the README, with the test that keeps it.
 
-    python breaks.py              # every break, one after the other (about 20 minutes on 2 cores)
+    python breaks.py              # every break, one after the other (about 9 minutes on 2 cores)
     python breaks.py queue run_id # only the breaks whose promise or test names one of these words
     python breaks.py --check      # only check that every break still applies to today's code
 
