@@ -297,20 +297,20 @@ def summarize(files, collected):
 
 def summarize_run(run_id, run):
     span = epoch(run.last_end) - epoch(run.first_end) if run.first_end else 0.0
-    statuses = defaultdict(Counter)  # (request_type, name) -> {"200": requests, ...}
+    statuses, every_status = defaultdict(dict), Counter()  # (request_type, name) -> {"200": requests, ...}
     for (key, status), requests in sorted(run.statuses.items(), key=lambda item: item[0][1]):
         statuses[key][str(status)] = requests
+        every_status[str(status)] += requests
     names = []
     for key in sorted(run.response_times, key=lambda key: (key[1], key[0])):
         ordered = sorted(run.response_times[key])
         run.response_times[key] = array("d", ordered)  # sorted, for the total's merge; the list is freed
         names.append({"request_type": key[0], "name": key[1], **request_stats(ordered, run.failures[key], span),
-                      "status": dict(statuses[key])})
+                      "status": statuses[key]})
     total = None
     if names:
         ordered = array("d", heapq.merge(*run.response_times.values()))
-        total = {**request_stats(ordered, sum(run.failures.values()), span),
-                 "status": dict(sorted(sum(statuses.values(), Counter()).items(), key=lambda item: int(item[0])))}
+        total = {**request_stats(ordered, sum(run.failures.values()), span), "status": dict(every_status)}
     failures = [{"request_type": request_type, "name": name, "error": error, "occurrences": occurrences}
                 for (request_type, name, error), occurrences in sorted(
                     run.errors.items(), key=lambda item: (-item[1], item[0][1], item[0][0], str(item[0][2])))]
@@ -486,8 +486,9 @@ def write_html(path, report, runs):
     scripts = iter([True])  # plotly.js goes into the first chart only
     for summary in report["runs"]:
         run = runs[summary["run_id"]]
-        page.append(f"<h2>Run {html.escape(str(summary['run_id']))}</h2><p>requests ended from "
-                    f"{summary['first_end']} to {summary['last_end']} ({summary['seconds']:.1f} s)</p>")
+        ended = (f"requests ended from {summary['first_end']} to {summary['last_end']} ({summary['seconds']:.1f} s)"
+                 if summary["first_end"] else "no requests")
+        page.append(f"<h2>Run {html.escape(str(summary['run_id']))}</h2><p>{ended}</p>")
         rows = summary["names"] + ([{"request_type": "", "name": "Aggregated", **summary["total"]}]
                                    if summary["total"] else [])
         page.append(html_table(
