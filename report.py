@@ -126,6 +126,16 @@ class Second:
         self.failures = Counter()  # (request_type, name) -> failed requests
         self.peak_cpu = None
 
+    def requests(self, key=None):
+        """The sorted response times and the failures of one name, or of every request when key is None; then
+        p50, p95, p99 and max, or Nones for a second without requests."""
+        if key is None:
+            ordered, failures = sorted(chain.from_iterable(self.response_times.values())), self.failures.total()
+        else:
+            ordered, failures = sorted(self.response_times.get(key, ())), self.failures.get(key, 0)
+        times = [percentile(ordered, p) for p in TIMELINE_PERCENTILES] + [ordered[-1]] if ordered else [None] * 4
+        return len(ordered), failures, times
+
 
 class Run:
     """What the report keeps of one run: counts, and each response time as an 8-byte float."""
@@ -456,9 +466,8 @@ def write_timeline(path, runs):
                          "max_ms", "max_worker_cpu_percent"])
         for run_id, run in runs:
             for when, second in every_second(run):
-                ordered = sorted(chain.from_iterable(second.response_times.values()))
-                times = [percentile(ordered, p) for p in TIMELINE_PERCENTILES] + [ordered[-1]] if ordered else [""] * 4
-                writer.writerow([run_id or "", when + "Z", len(ordered), second.failures.total(), *times,
+                requests, failures, times = second.requests()  # csv writes None as an empty field
+                writer.writerow([run_id or "", when + "Z", requests, failures, *times,
                                  "" if second.peak_cpu is None else second.peak_cpu])
 
 
@@ -530,14 +539,10 @@ def run_figures(run):
     seconds = list(every_second(run))
     for _, second in seconds:
         for key in (None, *keys):
-            if key is None:
-                ordered, failures = sorted(chain.from_iterable(second.response_times.values())), second.failures.total()
-            else:
-                ordered, failures = sorted(second.response_times.get(key, ())), second.failures.get(key, 0)
-            series[key, "requests"].append(len(ordered))
+            requests, failures, times = second.requests(key)
+            series[key, "requests"].append(requests)
             series[key, "failures"].append(failures)
-            values = [percentile(ordered, p) for p in TIMELINE_PERCENTILES] + [ordered[-1]] if ordered else [None] * 4
-            for what, value in zip(("p50", "p95", "p99", "max"), values):
+            for what, value in zip(("p50", "p95", "p99", "max"), times):
                 series[key, what].append(None if value is None else round(value, 3))
     # Evenly spaced: x0 and dx (ms) instead of a time for every point keep an hour of 50 names small.
     x = {"x0": seconds[0][0].replace("T", " "), "dx": 1000}
