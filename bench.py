@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -199,6 +200,54 @@ def bare_pull(address, expected):
             received += pull.recv().count(b"\n") + 1
             first = first or time.monotonic()
         print(json.dumps({"records": received, "seconds": time.monotonic() - first}), flush=True)
+
+
+def load_generators(address, count, rate, seconds, tag="sim"):
+    """`count` load generators in this process, each the locustfile's own ZmqPushHandler with its own worker id
+    and sockets, each making `rate` records a second for `seconds`, then closing as a quitting Locust process
+    does. Prints one JSON line: the totals of their counters, how many warned that their queue was half full,
+    and each one's records made and dropped. Tests and part 6 judge the handler users run, not a copy."""
+    from gevent import monkey
+
+    monkey.patch_all()  # as Locust does: the handler's greenlets and non-blocking sends are what is measured
+    import gevent
+    import logging
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # each generator holds its own sockets
+    os.environ["ZMQ_SINK_ADDRESS"] = address
+    sys.path.insert(0, str(REPO))
+    import locustfile
+
+    warnings = []
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger().handlers[0].addFilter(lambda record: warnings.append(record.getMessage()) or True)
+    count, rate, seconds = int(count), float(rate), float(seconds)
+    queue = int(os.environ.get("ZMQ_SINK_QUEUE", "100000"))
+    flush = float(os.environ.get("ZMQ_SINK_FLUSH_TIMEOUT", "2"))
+    handlers, lines = [], []
+    for n in range(count):
+        worker = f"{tag}-{n}_{os.getpid()}_{random.getrandbits(64):016x}"
+        handlers.append(locustfile.ZmqPushHandler([address], worker, queue, flush))
+        lines.append(('{"time":"2026-12-01T10:00:00.000Z","loglevel":"INFO","hostname":"%s","worker":"%s",'
+                      '"run_id":null,"seq":%%d,"message":{"class":"request","request_type":"GET","name":"/",'
+                      '"result":"success","status":200,"response_time":1.5,"response_length":5,'
+                      '"start_time":1795882235.585,"url":"http://127.0.0.1:8089/","other":{}}}' % (tag, worker)).encode())
+    made = [0] * count
+    print("ready", flush=True)
+    started = time.monotonic()
+    while (now := time.monotonic()) < started + seconds:
+        for n, handler in enumerate(handlers):  # each generator's records so far, in batches as RequestLog's
+            due = int((now - started) * rate) - made[n]
+            if due > 0:
+                handler.write_lines([lines[n] % seq for seq in range(made[n] + 1, made[n] + due + 1)], made[n] + 1)
+                made[n] += due
+        gevent.sleep(0.05)
+    gevent.joinall([gevent.spawn(handler.close) for handler in handlers])
+    totals = {key: sum(getattr(h, key) for h in handlers) for key in ("made", "acked", "dropped", "sent", "resent")}
+    totals["warned"] = sum("over half of ZMQ_SINK_QUEUE" in warning for warning in warnings)
+    totals["workers"] = {h.worker.decode(): [h.made, h.dropped] for h in handlers}
+    print(json.dumps(totals), flush=True)
 
 
 # --- part 1: hook cost -------------------------------------------------------------------------
@@ -569,7 +618,7 @@ def platform_line():
 
 
 if __name__ == "__main__":
-    roles = {"serve": serve, "push": push, "bare-pull": bare_pull}
+    roles = {"serve": serve, "push": push, "bare-pull": bare_pull, "load-generators": load_generators}
     if len(sys.argv) > 1 and sys.argv[1] in roles:
         roles[sys.argv[1]](*sys.argv[2:])
     else:

@@ -64,6 +64,7 @@ import math
 import os
 import secrets
 import socket
+import struct
 import sys
 import time
 from collections import deque
@@ -83,7 +84,6 @@ except ImportError:
     orjson = None
 
 DEFAULT_SINK_ADDRESS = "tcp://127.0.0.1:5555"  # where `python sink.py` listens when given no address
-ACK_TIMEOUT = 1.0  # seconds a frame waits for its acknowledgement before it is sent again; doubled each time
 
 
 def setting(name, default, parse, expected):
@@ -180,6 +180,8 @@ RESOURCE_INTERVAL = setting("LOCUST_RESOURCE_INTERVAL", "2", seconds, "seconds b
 logger = logging.getLogger("request_log")
 logger.setLevel(logging.INFO)
 logger.propagate = False
+# Our own lines, for Locust's log, on a logger apart: a locustfile imported as `request_log` would share `logger`.
+console = logging.getLogger("locust.request_log")
 
 
 # default=str turns exceptions, bytes and custom context objects into text; NaN is not JSON. Compact
@@ -294,53 +296,81 @@ class JsonLinesFileHandler(LinesHandler):
 
 class Frame:
     """Consecutive records of this process, as sent: [b"<first seq> <worker>", lines], until acknowledged."""
-    __slots__ = ("first", "count", "message", "due", "timeout")
+    __slots__ = ("first", "count", "message", "sent_at", "tries")
 
-    def __init__(self, first, count, message):
-        self.first, self.count, self.message = first, count, message
-        self.due, self.timeout = None, ACK_TIMEOUT  # sent again at `due` if still not acknowledged
+    def __init__(self, first, lines, worker):
+        self.first, self.count = first, len(lines)
+        # Joining makes exact-size frames: orjson's own bytes keep ~4 KB each, too much for a long queue.
+        self.message = [b"%d %s" % (first, worker), b"\n".join(lines)]
+        self.sent_at, self.tries = None, 0
 
 
 class ZmqPushHandler(LinesHandler):
     """Pushes formatted records to ZeroMQ sinks and keeps each frame until a sink has written and
-    acknowledged it, without ever blocking the gevent loop.
+    acknowledged it, never blocking the gevent loop and never sending more than a slow sink takes.
 
-    Every 50 ms a greenlet packs the new records into frames and hands ZeroMQ what is due: new frames, frames
-    that were in flight on a connection that dropped, and frames unacknowledged for longer than their
-    timeout, which doubles each time, so that a slow sink is not flooded with copies. Every send is
-    non-blocking: a plain pyzmq send that blocks would freeze every greenlet of the worker, users and
-    heartbeats included. IMMEDIATE keeps ZeroMQ from accepting frames while no sink is connected, so records
-    stay in our queue, where they are counted until acknowledged.
+    Every 50 ms a greenlet reads the acknowledgements and sends while fewer than WINDOW frames are in flight:
+    first the frames to send again, then new ones. A new frame leaves when it is full or its first record has
+    waited LINGER: a process at a low rate sends few, full frames, and while the window is full the records
+    gather into full frames, so the sink's cost per record falls as its load rises. A frame is sent again when
+    the connection it was sent on dropped, or when it is unacknowledged past a timeout that follows the
+    acknowledgement times measured, as TCP's retransmission timer does (RFC 6298), doubled at each try: a sink
+    that is behind gets its frames late, not twice. Every send is non-blocking: a plain pyzmq send that blocks
+    would freeze every greenlet of the worker, users and heartbeats included. IMMEDIATE keeps ZeroMQ from
+    accepting frames while no sink is connected, so records stay in our queue, where they are counted.
+
+    ZMTP heartbeats run on the acknowledgement socket only. The sink's PULL socket stops reading a connection
+    while the sink is behind or its file refuses writes, and libzmq 4.3.5 aborts the sink's process when it then
+    answers a heartbeat on a connection that was dropped meanwhile. The sink's PUB socket never stops reading,
+    so heartbeats there find a sink host that vanished in seconds; the push connection to it is then made anew,
+    and what was in flight on it is sent again.
     """
 
+    WINDOW = 8  # frames in flight, unacknowledged, at most
     BATCH = 1000  # records per frame at most
-    FRAME_BYTES = 1 << 20  # bytes per frame at most: the sink drops a connection that sends a larger frame
-    SNDHWM = 10  # frames ZeroMQ holds for a connected sink
+    # Bytes per frame at most, but for a single larger record: the sink holds up to two frames a connection.
+    FRAME_BYTES = 64 << 10
+    RECORD_BYTES = 1 << 20  # the sink drops a connection that sends a larger record
+    LINGER = 1.0  # seconds a record may wait for others to fill its frame
+    MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 60.0  # seconds, for an acknowledgement
     HEARTBEAT_IVL, HEARTBEAT_TIMEOUT = 1000, 3000  # ms: a sink host that vanished is noticed in seconds
 
     def __init__(self, addresses, worker, queue_limit, flush_timeout, curve_keys=None):
         super().__init__()
         self.address = ",".join(addresses)
+        self.sinks = {ack_address(address): address for address in addresses}
         self.worker = worker.encode()
         self.queue_limit = queue_limit
         self.flush_timeout = flush_timeout
-        self.pending, self.pending_first = [], None  # records not in a frame yet, seqs from pending_first on
+        self.pending = deque()  # records not in a frame yet, seqs pending_first, pending_first + 1, ...
+        self.pending_first = self.pending_since = None
+        self.pending_bytes = 0
         self.unacked = {}  # first seq -> Frame: every frame not acknowledged yet
-        self.to_send = deque()  # frames due: new, or to be sent again
-        self.in_flight = deque()  # frames sent, oldest first
+        self.to_send = deque()  # frames to send, or send again, in order
+        self.in_flight = {}  # first seq -> Frame sent and not acknowledged, in the order sent
+        self.round_trip = self.deviation = None  # seconds: acknowledgement time, smoothed, and its deviation
+        # As TCP's one timer: the oldest frame in flight is sent again once it has waited the timeout since it
+        # was sent or since the last acknowledgement or timeout, whichever came last; backoff doubles the timeout
+        # until an acknowledgement comes. The frames behind it wait behind it, not for nothing.
+        self.waiting_since, self.backoff = 0.0, 1
         self.made = self.queued = self.acked = self.dropped = self.sent = self.resent = 0
+        self.warned = False
         self.context = zmq.Context()  # never zmq.Context.instance(): it could be one shared across a fork
         self.socket, self.acks = self.context.socket(zmq.PUSH), self.context.socket(zmq.SUB)
         self.socket.setsockopt(zmq.IMMEDIATE, 1)
-        self.socket.setsockopt(zmq.SNDHWM, self.SNDHWM)
+        self.socket.setsockopt(zmq.SNDHWM, self.WINDOW)
         self.acks.setsockopt(zmq.SUBSCRIBE, self.worker)
+        # Acknowledgements are small: a SUB socket that stopped reading at a high-water mark could abort us.
+        self.acks.setsockopt(zmq.RCVHWM, 0)
+        self.acks.setsockopt(zmq.HEARTBEAT_IVL, self.HEARTBEAT_IVL)
+        self.acks.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.HEARTBEAT_TIMEOUT)
         for socket_ in (self.socket, self.acks):
-            socket_.setsockopt(zmq.HEARTBEAT_IVL, self.HEARTBEAT_IVL)
-            socket_.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.HEARTBEAT_TIMEOUT)
             if curve_keys:  # encrypted, to a sink that knows our public key; without a handshake nothing leaves
                 socket_.curve_serverkey, socket_.curve_publickey, socket_.curve_secretkey = curve_keys
-        # What was in flight on a connection that dropped is lost with it: the monitor says when to resend.
-        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # What was in flight on a connection that dropped is lost with it, and so are acknowledgements published
+        # before a new acknowledgement connection's subscription reached its sink: the monitors say when to resend.
+        self.monitors = [self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED),
+                         self.acks.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)]
         for address in addresses:  # several sinks: PUSH sends each frame to one of those connected, in turn
             self.socket.connect(address)
             self.acks.connect(ack_address(address))
@@ -349,71 +379,100 @@ class ZmqPushHandler(LinesHandler):
     def write_lines(self, lines, first_seq):
         self.made += len(lines)
         room = max(0, self.queue_limit - self.queued)
-        self.dropped += max(0, len(lines) - room)
         if len(lines) > room:
+            self.dropped += len(lines) - room
             lines = lines[:room]
         if self.pending and self.pending_first + len(self.pending) != first_seq:
-            self._pack()  # a gap (records dropped): a frame holds consecutive seqs only
+            while self._pack(0, flushing=True):  # a gap (records dropped): a frame holds consecutive seqs only
+                pass
         if not self.pending:
-            self.pending_first = first_seq
+            self.pending_first, self.pending_since = first_seq, time.monotonic()
         self.pending += lines
+        self.pending_bytes += sum(map(len, lines)) + len(lines)
         self.queued += len(lines)
+        if self.queued > self.queue_limit // 2:
+            if not self.warned:
+                console.warning("ZeroMQ sink %s: %d records wait for acknowledgement, over half of ZMQ_SINK_QUEUE "
+                                "(%d): the sink is behind or out of reach; records past the limit are dropped and "
+                                "counted", self.address, self.queued, self.queue_limit)
+                self.warned = True
+        elif self.queued < self.queue_limit // 4:
+            self.warned = False
 
-    def _pack(self):
-        pending, first, self.pending = self.pending, self.pending_first, []
-        for start in range(0, len(pending), self.BATCH):
-            self._frame(pending[start:start + self.BATCH], first + start)
-
-    def _frame(self, lines, first):
-        if sum(map(len, lines)) + len(lines) - 1 <= self.FRAME_BYTES:
-            # Joining makes exact-size frames: orjson's own bytes keep ~4 KB each, too much for a long queue.
-            frame = Frame(first, len(lines), [b"%d %s" % (first, self.worker), b"\n".join(lines)])
-            self.unacked[first] = frame
-            self.to_send.append(frame)
-        elif len(lines) == 1:  # a record over 1 MiB, which the sink would refuse: dropped and counted
-            self.dropped += 1
-            self.queued -= 1
-        else:
-            half = len(lines) // 2
-            self._frame(lines[:half], first)
-            self._frame(lines[half:], first + half)
+    def _pack(self, now, flushing):
+        """Make a frame of the oldest pending records if it is due: full, or its first record waited LINGER,
+        or flushing. True if it did."""
+        while self.pending and (flushing or len(self.pending) >= self.BATCH or self.pending_bytes >= self.FRAME_BYTES
+                                or now - self.pending_since >= self.LINGER):
+            first, lines = self.pending_first, [self.pending.popleft()]
+            size = len(lines[0]) + 1
+            while self.pending and len(lines) < self.BATCH and size + len(self.pending[0]) < self.FRAME_BYTES:
+                lines.append(self.pending.popleft())
+                size += len(lines[-1]) + 1
+            self.pending_first, self.pending_bytes, self.pending_since = first + len(lines), self.pending_bytes - size, now
+            if size > self.RECORD_BYTES + 1:  # one record (frames exceed FRAME_BYTES alone) the sink would refuse
+                self.dropped += 1
+                self.queued -= 1
+                continue
+            self.unacked[first] = Frame(first, lines, self.worker)
+            self.to_send.append(self.unacked[first])
+            return True
+        return False
 
     def _forward_forever(self):
         while True:
             self._forward()
             gevent.sleep(0.05)
 
-    def _forward(self):
-        if self.pending:
-            self._pack()
-        self._read_acks()
+    def _forward(self, flushing=False):
         now = time.monotonic()
-        if self.monitor.poll(0):
-            while self.monitor.poll(0):
-                self.monitor.recv_multipart()
-            self.to_send.extendleft(reversed(self.in_flight))
+        self._read_acks(now)
+        if self._lost_in_flight():
+            self.to_send.extendleft(reversed(self.in_flight.values()))
             self.in_flight.clear()
-        while self.in_flight and (self.in_flight[0].first not in self.unacked or self.in_flight[0].due <= now):
-            frame = self.in_flight.popleft()
-            if frame.first in self.unacked:
-                self.to_send.append(frame)
-        while self.to_send:
+        oldest = next(iter(self.in_flight.values()), None)
+        if oldest and now - max(oldest.sent_at, self.waiting_since) >= min(self.MAX_TIMEOUT, self.timeout() * self.backoff):
+            del self.in_flight[oldest.first]
+            self.to_send.appendleft(oldest)
+            self.waiting_since, self.backoff = now, self.backoff * 2
+        while len(self.in_flight) < self.WINDOW and (self.to_send or self._pack(now, flushing)):
             frame = self.to_send[0]
             if frame.first in self.unacked:
                 try:
                     self.socket.send_multipart(frame.message, zmq.NOBLOCK)
                 except zmq.Again:
-                    return  # no sink connected, or it is behind: keep the frames, try again later
-                if frame.due is None:
-                    self.sent += frame.count
-                else:
+                    return  # no sink connected: keep the frames, try again later
+                if frame.tries:
                     self.resent += frame.count
-                    frame.timeout *= 2
-                frame.due = now + frame.timeout
-                self.in_flight.append(frame)
+                else:
+                    self.sent += frame.count
+                frame.tries, frame.sent_at = frame.tries + 1, now
+                self.in_flight[frame.first] = frame
             self.to_send.popleft()
 
-    def _read_acks(self):
+    def _lost_in_flight(self):
+        """True if what is in flight may be lost since the last call: a connection dropped, or an acknowledgement
+        connection was made. One whose heartbeats went unanswered also drops the push connection to its sink,
+        which has no heartbeats."""
+        lost = False
+        for monitor in self.monitors:
+            while monitor.poll(0):
+                event, endpoint = monitor.recv_multipart()
+                lost = True
+                if monitor is self.monitors[1] and struct.unpack("=H", event[:2])[0] == zmq.EVENT_DISCONNECTED:
+                    sink = self.sinks.get(endpoint.decode())
+                    for address in [sink] if sink else self.sinks.values():
+                        self.socket.disconnect(address)
+                        self.socket.connect(address)
+        return lost
+
+    def timeout(self):
+        """Seconds a frame waits for its acknowledgement before it is sent again, at its first try."""
+        if self.round_trip is None:
+            return self.MIN_TIMEOUT
+        return min(self.MAX_TIMEOUT, max(self.MIN_TIMEOUT, self.round_trip + 4 * self.deviation))
+
+    def _read_acks(self, now):
         while True:
             try:
                 worker, ack = self.acks.recv_multipart(zmq.NOBLOCK)
@@ -428,8 +487,19 @@ class ZmqPushHandler(LinesHandler):
                 frame = self.unacked.get(first)
                 if frame is not None and frame.count == count:
                     del self.unacked[first]
+                    self.in_flight.pop(first, None)
                     self.acked += count
                     self.queued -= count
+                    self.waiting_since, self.backoff = now, 1
+                    if frame.tries == 1:  # Karn: the time of a frame sent again fits either of its tries
+                        self._measure(now - frame.sent_at)
+
+    def _measure(self, seconds):
+        if self.round_trip is None:
+            self.round_trip, self.deviation = seconds, seconds / 2
+        else:
+            self.deviation += (abs(self.round_trip - seconds) - self.deviation) / 4
+            self.round_trip += (seconds - self.round_trip) / 8
 
     def why_not_acknowledged(self):
         if self.sent:
@@ -446,26 +516,26 @@ class ZmqPushHandler(LinesHandler):
         if self.socket is not None:
             self.forwarder.kill()
             deadline = time.monotonic() + self.flush_timeout
-            self._forward()
+            self._forward(flushing=True)
             while (self.unacked or self.pending) and time.monotonic() < deadline:
                 gevent.sleep(0.01)
-                self._forward()
-            self.socket.disable_monitor()
-            for socket_ in (self.monitor, self.socket, self.acks):
+                self._forward(flushing=True)
+            for socket_ in (self.socket, self.acks):
+                socket_.disable_monitor()
+            for socket_ in (*self.monitors, self.socket, self.acks):
                 socket_.close(linger=0)
             self.context.term()
             self.socket = None
-            report = logging.getLogger(__name__)
             if self.made > self.acked:
-                report.warning(
+                console.warning(
                     "ZeroMQ sink %s: %d records acknowledged, %d sent again; %d not (%d dropped: a full queue of %d, "
                     "or over 1 MiB; %d unacknowledged after %.1fs)%s",
                     self.address, self.acked, self.resent, self.made - self.acked, self.dropped, self.queue_limit,
                     self.queued, self.flush_timeout, self.why_not_acknowledged(),
                 )
             elif self.made:
-                report.info("ZeroMQ sink %s: all %d records acknowledged, %d sent again", self.address, self.acked,
-                            self.resent)
+                console.info("ZeroMQ sink %s: all %d records acknowledged, %d sent again", self.address, self.acked,
+                         self.resent)
         super().close()
 
 

@@ -35,9 +35,12 @@ Across untrusted networks (CURVE: encrypted, and only the load generators whose 
 """
 
 import argparse
+import errno
 import json
 import os
+import resource
 import signal
+import socket as sockets
 import struct
 import sys
 import threading
@@ -61,6 +64,10 @@ MAX_FRAME_BYTES = MAX_RECORD_BYTES + 1
 # at most connections x (RCVHWM + 1) x MAX_FRAME_BYTES (ZeroMQ's default of 1000 let a run reach 600 MB).
 RCVHWM = 1
 PROGRESS_EVERY = 2.0  # seconds
+ACK_EVERY = 0.1  # seconds: while draining too, well inside a load generator's shortest timeout (1 s)
+# Descriptors kept for other uses than load generators (2 each: records and acknowledgements), one of them spare:
+# see refuse_waiting().
+RESERVED_DESCRIPTORS = 16
 RETRY_EVERY, STALLED_EVERY = 0.5, 5.0  # seconds: a file that refuses writes is tried again, and reported
 # Handshakes that fail before ZAP is asked. libzmq names only our own endpoint for them, not the client's.
 FAILED_HANDSHAKES = {zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "a client without CURVE keys",
@@ -186,7 +193,8 @@ class Seqs:
 
 def open_log(path):
     """Open the file to append to, unbuffered; cut an incomplete last line, and read which records the file
-    holds. Returns the file, {worker: Seqs} and what was done to it, for the start line."""
+    holds: from its index, and the lines after what the index covers. Returns the file, {worker: Seqs} and what
+    was done to it, for the start line."""
     out = open(path, "ab+", buffering=0)
     size = end = os.fstat(out.fileno()).st_size
     while end and os.pread(out.fileno(), 1, end - 1) != b"\n":
@@ -198,15 +206,48 @@ def open_log(path):
     if end < size:
         os.ftruncate(out.fileno(), end)
         note = f" (cut its incomplete last line, {size - end} bytes, never acknowledged)"
-    held = defaultdict(Seqs)
     started = time.monotonic()
+    held, covered = read_index(path, out, end) or (defaultdict(Seqs), 0)
     with open(path, "rb") as lines:
+        lines.seek(covered)
         for numbered in map(record_id, lines):
             if numbered is not None:
                 held[numbered[0]].add(numbered[1], numbered[1] + 1)
     if size:
-        note = f" (holding records of {len(held)} processes, read in {time.monotonic() - started:.1f}s)" + note
+        note = (f" (holding records of {len(held)} processes: {(end - covered) / 1e6:.0f} MB read in "
+                f"{time.monotonic() - started:.1f}s{', the rest known from its index' if covered else ''})" + note)
     return out, held, note
+
+
+def read_index(path, out, size):
+    """({worker: Seqs}, bytes of the file it covers) from the file's index, or None if there is none for this
+    file: one whose last covered bytes are not the file's."""
+    try:
+        with open(f"{path}.index") as file:
+            index = json.load(file)
+        covered, tail = index["bytes"], bytes.fromhex(index["tail"])
+        if covered > size or os.pread(out.fileno(), len(tail), covered - len(tail)) != tail:
+            return None
+        held = defaultdict(Seqs)
+        for worker, (starts, ends) in index["seqs"].items():
+            held[worker.encode()].starts, held[worker.encode()].ends = starts, ends
+        return held, covered
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_index(path, out, held):
+    """Write beside the file which records it holds, so that a sink started on it reads only the lines added
+    after: 2 M lines take seconds to read, their index milliseconds. Called only when every line is whole."""
+    covered = os.fstat(out.fileno()).st_size
+    tail = os.pread(out.fileno(), 64, max(0, covered - 64))
+    seqs = {worker.decode(): [ranges.starts, ranges.ends] for worker, ranges in held.items()}
+    try:
+        with open(f"{path}.index.tmp", "w") as file:
+            json.dump({"bytes": covered, "tail": tail.hex(), "seqs": seqs}, file)
+        os.replace(f"{path}.index.tmp", f"{path}.index")  # whole or not at all
+    except OSError:
+        pass  # a full disk: a later start reads more of the file, that is all
 
 
 def numbering(message):
@@ -233,12 +274,23 @@ class Sink:
         # follows, counted.
         self.held = deque()
         self.stalled_since = None
+        # Behind: a drain ended with frames still waiting. A load generator's frame then waits its turn among all
+        # of theirs, about as long as the gap since the one before it.
+        self.behind_since, self.last_frame_of, self.waiting, self.longest_wait = None, {}, set(), 0.0
+        self.refused = 0  # connections refused for lack of descriptors
 
     def take(self, message):
         self.last_arrival = time.monotonic()
         if self.first_arrival is None:
             self.first_arrival = self.last_arrival
         numbered = numbering(message)
+        if numbered:
+            previous = self.last_frame_of.get(numbered[0])
+            self.last_frame_of[numbered[0]] = self.last_arrival
+            if self.behind_since is not None:
+                self.waiting.add(numbered[0])
+                if previous is not None and previous >= self.behind_since:
+                    self.longest_wait = max(self.longest_wait, self.last_arrival - previous)
         for frame in message[1:] if numbered else message:
             self.take_frame(frame, numbered)
         self.write_held()
@@ -307,14 +359,31 @@ class Sink:
         return sum(records for _, records, _ in self.held)
 
     def drain(self, socket, max_seconds):
-        """Take every message already waiting, for at most max_seconds, unless the file refuses writes."""
-        deadline = time.monotonic() + max_seconds
-        while time.monotonic() < deadline and not self.held:
+        """Take every message already waiting, for at most max_seconds, unless the file refuses writes, and
+        acknowledge every ACK_EVERY: a load generator sends more as soon as its frames are acknowledged."""
+        now = time.monotonic()
+        deadline, ack_due = now + max_seconds, now + ACK_EVERY
+        while not self.held:
             try:
                 self.take(socket.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
+                self.behind_since = None
+                break
+            now = self.last_arrival
+            if now >= ack_due:
+                self.acknowledge()
+                ack_due = now + ACK_EVERY
+            if now >= deadline:
+                self.behind_since = self.behind_since or now
                 break
         self.acknowledge()
+
+    def behind(self, now):
+        """How far behind the sink is, for its progress line, since the last call."""
+        said = (f"; behind for {now - self.behind_since:.0f}s: {len(self.waiting)} load generators wait their "
+                f"turn, a frame up to {self.longest_wait:.1f}s" if self.behind_since is not None else "")
+        self.waiting, self.longest_wait = set(), 0.0
+        return said
 
     def counts(self):
         return self.written, sum(self.rejected.values())
@@ -327,6 +396,7 @@ class Sink:
                 f"{sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else "")
                 + f", {self.resent} records sent again and already in the file, {self.dropped_connections} connections "
                   f"closed (by their client, the network, or ZeroMQ for a frame over {MAX_FRAME_BYTES} bytes)"
+                + (f", {self.refused} connections refused for lack of descriptors" if self.refused else "")
                 + (f", {self.held_records()} records received but not written: the file refused them" if self.held
                    else ""))
 
@@ -385,12 +455,64 @@ def authenticate(zap, clients):
         zap.close()
 
 
+def raise_descriptor_limit():
+    """Raise the soft limit on open descriptors to the hard one: (the limit, what was done), for the start line."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard, f"raised from {soft}" if soft < hard else "its hard limit"
+    except (ValueError, OSError):  # an unlimited hard limit, which Linux refuses as a soft one
+        return soft, f"which it could not raise to {hard}"
+
+
+def listen(socket, address):
+    """Bind the ZeroMQ socket through a listening socket of our own (ZMQ_USE_FD); returns its descriptor, for
+    refuse_waiting()."""
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    host = "" if host == "*" else host.strip("[]")
+    listener = sockets.create_server((host, int(port)), family=sockets.AF_INET6 if ":" in host else sockets.AF_INET,
+                                     backlog=1024)
+    socket.setsockopt(zmq.USE_FD, listener.fileno())
+    socket.bind(address)
+    return listener.detach()  # libzmq's now, to close
+
+
+def refuse_waiting(listeners, spare):
+    """Accept and close the connections waiting on the listening sockets: libzmq cannot accept one with no
+    descriptor left, and tries again at once, at full CPU, for as long as it waits. The spare descriptor,
+    closed for the moment, makes room for each in turn. Returns their addresses, and the spare (None while
+    libzmq took its place)."""
+    if spare is not None:
+        os.close(spare)
+    refused = []
+    for fd in listeners:
+        listener = sockets.socket(fileno=fd)
+        listener.setblocking(False)
+        try:
+            while True:
+                connection, address = listener.accept()
+                connection.close()
+                refused.append(address)
+        except OSError:
+            pass  # none waits any more, or no room: libzmq took it
+        finally:
+            listener.detach()
+    try:
+        return refused, os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return refused, None
+
+
 def read_events(monitor, sink, reported):
     """Count dropped connections; print each kind of handshake that failed before ZAP once (its client's
-    address is not known)."""
+    address is not known). True if a connection could not be accepted for lack of descriptors."""
+    out_of_descriptors = False
     while monitor.poll(0):
         # Frame 1: event (16 bits) and value (32), native order; zmq.utils.monitor would import asyncio, +8 MB.
         event, code = struct.unpack("=HI", monitor.recv_multipart()[0][:6])
+        if event == zmq.EVENT_ACCEPT_FAILED:
+            out_of_descriptors |= code in (errno.EMFILE, errno.ENFILE)
+            continue
         if event == zmq.EVENT_DISCONNECTED:
             sink.dropped_connections += 1
             continue
@@ -403,6 +525,7 @@ def read_events(monitor, sink, reported):
         if kind not in reported:
             reported.add(kind)
             print(f"sink: refused {kind} (its address is not known)", file=sys.stderr, flush=True)
+    return out_of_descriptors
 
 
 def make_keys(folder):
@@ -459,6 +582,7 @@ def main():
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, frame: stopping.append(signum))
 
+    descriptors, raised = raise_descriptor_limit()
     context = zmq.Context()
     pull, acks = context.socket(zmq.PULL), context.socket(zmq.PUB)
     pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
@@ -473,9 +597,8 @@ def main():
         for socket in (pull, acks):
             socket.curve_server, socket.curve_publickey, socket.curve_secretkey = True, public, secret
     try:
-        for socket, address in ((acks, ack_address(args.bind)), (pull, args.bind)):
-            socket.bind(address)
-    except (ValueError, zmq.ZMQError) as error:
+        listeners = [listen(socket, address) for socket, address in ((acks, ack_address(args.bind)), (pull, args.bind))]
+    except (ValueError, OSError, zmq.ZMQError) as error:
         sys.exit(f"sink: --bind {args.bind} (ZMQ_SINK_BIND): {error}; expected tcp://HOST:PORT with PORT and PORT + 1 "
                  "free, such as tcp://127.0.0.1:5555")
     endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -484,18 +607,23 @@ def main():
     except OSError as error:
         sys.exit(f"sink: --log-file {args.log_file} (ZMQ_SINK_LOG_FILE): {error.strerror}; expected a file it can "
                  "append to, in a folder that exists")
+    spare = os.open(os.devnull, os.O_RDONLY)
+    room = (descriptors - len(os.listdir("/proc/self/fd")) - RESERVED_DESCRIPTORS) // 2
     access = (f"only CURVE clients with one of the {len(curve[2])} keys in {args.curve_clients}" if curve
               else "anyone who can connect, unencrypted")
     print(f"sink: listening on {endpoint} (acknowledgements on {acks.getsockopt_string(zmq.LAST_ENDPOINT)}) for "
           f"{access}, appending to {args.log_file}{mended}, checking records with "
-          f"{'simdjson' if simdjson else 'the json module'}", file=sys.stderr, flush=True)
+          f"{'simdjson' if simdjson else 'the json module'}; room for {room} load generators ({descriptors} "
+          f"descriptors, {raised})", file=sys.stderr, flush=True)
 
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
-    events = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_DISCONNECTED
-    monitor = pull.get_monitor_socket(events | (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL if curve else 0))
-    reported = set()
-    poller.register(monitor, zmq.POLLIN)
+    events = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED
+    monitors = [pull.get_monitor_socket(events | (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL if curve else 0)),
+                acks.get_monitor_socket(zmq.EVENT_ACCEPT_FAILED)]
+    reported, refused_hosts = set(), set()
+    for monitor in monitors:
+        poller.register(monitor, zmq.POLLIN)
     with out:
         sink = Sink(out, args.log_file, held, acks)
         last_counts, last_time, last_stalled_line = sink.counts(), time.monotonic(), 0.0
@@ -513,22 +641,32 @@ def main():
             ready = dict(poller.poll(100))
             if pull in ready:
                 sink.drain(pull, max_seconds=0.5)
-            if monitor in ready:
-                read_events(monitor, sink, reported)
+            if any([read_events(monitor, sink, reported) for monitor in monitors if monitor in ready]):
+                refused, spare = refuse_waiting(listeners, spare)
+                sink.refused += len(refused)
+                for host, port, *_ in refused:
+                    if host not in refused_hosts:  # each load generator tries again every 100 ms
+                        refused_hosts.add(host)
+                        print(f"sink: refused {host}:{port} (and any more from {host}, counted): no descriptor "
+                              f"left, {descriptors} in all", file=sys.stderr, flush=True)
             now = time.monotonic()
             if now - last_time >= PROGRESS_EVERY:
                 if sink.counts() != last_counts:
                     new = sink.counts()[0] - last_counts[0]
                     print(f"sink: {sink.written} records (+{new / (now - last_time):.0f}/s), "
-                          f"{sink.counts()[1]} frames rejected", file=sys.stderr, flush=True)
+                          f"{sink.counts()[1]} frames rejected{sink.behind(now)}", file=sys.stderr, flush=True)
+                    if not sink.held:  # every line whole
+                        write_index(args.log_file, out, sink.seqs)
                 last_counts, last_time = sink.counts(), now
         # What already arrived is written; the file is then closed holding whole lines only, unless it
         # refuses writes, which the summary then counts.
         sink.drain(pull, max_seconds=2.0)
-        sink.write_held()
+        if sink.write_held():
+            write_index(args.log_file, out, sink.seqs)
         sink.acknowledge()
-    pull.disable_monitor()
-    monitor.close(linger=0)
+    for socket, monitor in zip((pull, acks), monitors):
+        socket.disable_monitor()
+        monitor.close(linger=0)
     pull.close(linger=0)
     acks.close(linger=1000)  # the last acknowledgements, to load generators still connected
     context.term()

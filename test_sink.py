@@ -23,6 +23,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from array import array
 from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -164,14 +165,17 @@ def curve(request, keys):
 
 class SinkProcess:
     def __init__(self, tmp_path, tag, address=None, name="sink", settings=None, file_size_limit=None, log_file=None,
-                 flags=True):
+                 flags=True, descriptors=None):
         self.address = address or f"tcp://127.0.0.1:{free_port()}"
         self.log_file = log_file or tmp_path / f"{name}.jsonl"
         self.stderr_path = tmp_path / f"{name}.err"
         # A full disk without root: past RLIMIT_FSIZE a write fails with EFBIG (Python ignores SIGXFSZ).
         # Only the soft limit: raising a hard one, even the test's own child's, needs CAP_SYS_RESOURCE.
-        limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
-                 if file_size_limit else None)
+        def limit():
+            if file_size_limit:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
+            if descriptors:  # (soft, hard) open descriptors
+                resource.setrlimit(resource.RLIMIT_NOFILE, descriptors)
         with open(self.stderr_path, "w") as stderr:
             where = {"ZMQ_SINK_BIND": self.address, "ZMQ_SINK_LOG_FILE": str(self.log_file)}
             self.proc = subprocess.Popen(
@@ -932,6 +936,9 @@ def test_sink_never_started_run_ends_and_reports_what_was_lost(tmp_path, tag, ta
     assert (undelivered, dropped, limit, queued) == (len(records), len(records) - queue_limit, queue_limit,
                                                      queue_limit)
     assert records[-1]["message"]["dropped"] == dropped - 1, "all but the end record, which found the queue full too"
+    # Locust's log said, while the test ran, that the queue was past half full: once, as it never emptied.
+    assert len(re.findall(rf"WARNING/locust.request_log: ZeroMQ sink \S+: \d+ records wait for "
+                          rf"acknowledgement, over half of ZMQ_SINK_QUEUE \({queue_limit}\)", stderr)) == 1, stderr
     # It waited ZMQ_SINK_FLUSH_TIMEOUT for acknowledgements that could not come, and no longer.
     assert 0.9 <= flush_wait(stderr) <= 1.9, f"waited {flush_wait(stderr):.2f}s for acknowledgements"
 
@@ -961,7 +968,7 @@ def flush_wait(stderr):
     def logged(text):
         stamp = re.search(rf"^\[([\d-]+ [\d:]+,\d+)\] .*{text}", stderr, re.MULTILINE).group(1)
         return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    return logged("ZeroMQ sink ") - logged("Shutting down")
+    return logged(r"ZeroMQ sink \S+: (all )?\d+ records acknowledged") - logged("Shutting down")
 
 
 PROBED_LOCUSTFILE = """
@@ -1463,6 +1470,143 @@ def test_the_sinks_memory_has_one_bound_while_its_file_refuses_writes(tmp_path, 
     assert "sink: cannot write to" in sink.stderr()
     sink.stop()
     assert peak <= 256 << 20, f"peak RSS {peak >> 20} MB"
+
+
+# --- many load generators, and past the sink's capacity ------------------------------------------
+
+def simulated_load_generators(tag, address, count, rate, seconds, processes=2, settings=None):
+    """`count` load generators in `processes` processes, each the locustfile's own push handler with its own
+    sockets and worker id (bench.py load-generators), each making `rate` records a second for `seconds`."""
+    started = [subprocess.Popen([sys.executable, str(REPO / "bench.py"), "load-generators", address,
+                                 str(count // processes), str(rate), str(seconds), f"sim{n}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=environment(tag, **(settings or {})))
+               for n in range(processes)]
+    for generators in started:
+        assert generators.stdout.readline() == "ready\n"
+    return started
+
+
+def finish_simulated(started):
+    """Their counters, summed, once every one has closed; "workers": {worker: [made, dropped]}."""
+    totals = Counter()
+    workers = {}
+    for generators in started:
+        out, err = generators.communicate(timeout=300)
+        assert generators.returncode == 0, err[-2000:]
+        result = json.loads(out.splitlines()[-1])
+        workers.update(result.pop("workers"))
+        totals.update(result)
+    return {**totals, "workers": workers}
+
+
+NUMBERED = re.compile(rb'"worker":"([^"]+)","run_id":(?:null|"[^"]*"),"seq":(\d+),')
+
+
+def assert_each_record_once(sink_file, simulated):
+    """Each simulated load generator's records are in the file once each, but for those it counted as dropped;
+    returns how many records of others (real Locust processes) the file holds."""
+    seqs = {}
+    for worker, seq in NUMBERED.findall(Path(sink_file).read_bytes()):
+        seqs.setdefault(worker.decode(), array("q")).append(int(seq))
+    for worker, (made, dropped) in simulated["workers"].items():
+        held = sorted(seqs.pop(worker, []))
+        assert len(held) == len(set(held)) == made - dropped and set(held) <= set(range(1, made + 1)), worker
+    return sum(map(len, seqs.values()))
+
+
+def sink_summary(stderr):
+    """(records written, records received again that the file already held) from the sink's last line."""
+    written, again = re.search(r"(\d+) records written .* (\d+) records sent again and already in the file", stderr
+                               ).groups()
+    return int(written), int(again)
+
+
+def test_past_its_capacity_the_sink_slows_down_and_no_record_is_sent_twice(tmp_path, tag, sinks,
+                                                                           without_accelerators):
+    # A sink with a fifth of a core (0.05 s running, 0.2 s stopped, by signals) and the json module only,
+    # against twice what it writes in that time, for 30 s; then quiet while the load generators empty their queues.
+    sink = sinks(settings=without_accelerators)
+    simulated = simulated_load_generators(tag, sink.address, count=100, rate=400, seconds=30,
+                                          settings={"ZMQ_SINK_FLUSH_TIMEOUT": "120"})
+    process, peak_rss, behind_lines = psutil.Process(sink.proc.pid), 0, 0
+    throttled_until = time.monotonic() + 30
+    while time.monotonic() < throttled_until:
+        sink.proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)
+        sink.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+        peak_rss = max(peak_rss, process.memory_info().rss)
+    result = finish_simulated(simulated)
+    summary = sink.stop()
+    written, again = sink_summary(summary)
+    assert sink.proc.returncode == 0, "no abort"
+    assert peak_rss <= 256 << 20, f"peak RSS {peak_rss >> 20} MB"
+    assert written == result["made"] - result["dropped"] == result["acked"]
+    assert_each_record_once(sink.log_file, result)
+    assert again <= 0.1 * result["made"], f"{again} of {result['made']} records received again"
+    assert re.search(r"behind for \d+s: \d+ load generators wait their turn", summary), summary
+    print(f"made {result['made']}, dropped {result['dropped']}, received again {again}, peak RSS {peak_rss >> 20} MB")
+
+
+def test_a_file_that_refuses_writes_for_20s_under_full_load_loses_nothing(tmp_path, tag, target, sinks):
+    # No ZMTP heartbeats reach the sink's PULL socket: with them, libzmq 4.3.5 aborted it here when it read again.
+    sink = sinks(file_size_limit=20 << 20)
+    locust = full_speed_locust(tmp_path, tag, target, sink.address, *two_processes(), seconds=40)
+    simulated = simulated_load_generators(tag, sink.address, count=100, rate=100, seconds=35)
+    try:
+        wait_for(lambda: "sink: cannot write to" in sink.stderr(), what="the sink to stall", timeout=60)
+        time.sleep(20)
+        assert sink.proc.poll() is None, sink.stderr()[-2000:]
+        resource.prlimit(sink.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        result = finish_simulated(simulated)
+    finally:
+        stderr = finish(locust)
+    summary = sink.stop()
+    assert re.search(r"sink: still cannot write to \S+ after 1\d+s", summary), summary
+    assert result["acked"] == result["made"] and not result["dropped"]
+    locust_records = assert_each_record_once(sink.log_file, result)
+    assert not locust_processes(tag)
+    assert len(re.findall(r"ZeroMQ sink \S+: all \d+ records acknowledged", stderr)) == 3, stderr
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert locust_records == locust_total(stats) + 3, "every request, and each process's end record"
+
+
+@pytest.mark.parametrize("count, rate", [(1000, 2), (500, 50)])
+def test_many_load_generators_deliver_every_record_once(tmp_path, tag, sinks, count, rate):
+    sink = sinks()
+    # 250 load generators a process close together: they take longer than one alone to hear their last acknowledgements
+    result = finish_simulated(simulated_load_generators(tag, sink.address, count, rate, seconds=10, processes=4,
+                                                        settings={"ZMQ_SINK_FLUSH_TIMEOUT": "30"}))
+    written, again = sink_summary(sink.stop())
+    assert result["acked"] == result["made"] == written >= count * rate * 9
+    assert_each_record_once(sink.log_file, result)
+    assert again <= 0.1 * result["made"], (again, result["resent"])
+
+
+@pytest.mark.parametrize("hard_limit", [False, True], ids=["raised", "hard limit"])
+def test_a_sink_short_of_descriptors_raises_its_limit_or_names_each_connection_it_refuses(tmp_path, tag, sinks,
+                                                                                          hard_limit):
+    hard = 256 if hard_limit else resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    sink = sinks(descriptors=(256, hard))
+    started = sink.stderr()
+    room = int(re.search(r"room for (\d+) load generators", started).group(1))
+    result = finish_simulated(simulated_load_generators(tag, sink.address, 200, rate=5, seconds=5,
+                                                        settings={"ZMQ_SINK_FLUSH_TIMEOUT": "1"}))
+    summary = sink.stop()
+    if not hard_limit:
+        assert f"({hard} descriptors, raised from 256)" in started and room > 200, started
+        assert result["acked"] == result["made"] and "refused" not in summary
+        return
+    assert "(256 descriptors, its hard limit)" in started and room < 200, started
+    refused = re.findall(r"sink: refused 127\.0\.0\.1:(\d+) \(and any more from 127\.0\.0\.1, counted\): no "
+                         r"descriptor left, 256 in all", summary)
+    assert len(refused) == 1, summary
+    assert int(re.search(r"(\d+) connections refused for lack of descriptors", summary).group(1)) > 0
+    # What got in was written once; what did not is still counted by its load generator.
+    written, _ = sink_summary(summary)
+    ids = NUMBERED.findall(sink.log_file.read_bytes())
+    assert len(ids) == len(set(ids)) == written and 0 < result["acked"] <= written <= result["made"]
 
 
 # --- stopping the sink ------------------------------------------------------------------------
