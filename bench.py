@@ -53,6 +53,7 @@ MEASURED_CORE, HELPER_CORE = {0}, {os.cpu_count() - 1}
 PUSHERS, RECORDS_PER_PUSHER, RECORDS_PER_FRAME = 2, 500_000, 200
 REPORT_RECORDS = 2_000_000
 HOUR_RECORDS = 1_800_000  # one hour of 50 names at 500 requests a second, for --html
+SCALE = [(50, 500), (200, 250), (1000, 50)]  # part 6: load generators x records a second each
 VARIANTS = ["no hooks", "CsvRequestLogger", "this project", "this project, json module"]
 
 MEASURED_LOCUSTFILE = """
@@ -225,10 +226,17 @@ def load_generators(address, count, rate, seconds, tag="sim"):
     count, rate, seconds = int(count), float(rate), float(seconds)
     queue = int(os.environ.get("ZMQ_SINK_QUEUE", "100000"))
     flush = float(os.environ.get("ZMQ_SINK_FLUSH_TIMEOUT", "2"))
+    ack_times = []
+
+    class Measured(locustfile.ZmqPushHandler):
+        def _measure(self, seconds):  # every acknowledgement time the handler itself measures
+            ack_times.append(round(seconds, 4))
+            super()._measure(seconds)
+
     handlers, lines = [], []
     for n in range(count):
         worker = f"{tag}-{n}_{os.getpid()}_{random.getrandbits(64):016x}"
-        handlers.append(locustfile.ZmqPushHandler([address], worker, queue, flush))
+        handlers.append(Measured([address], worker, queue, flush))
         lines.append(('{"time":"2026-12-01T10:00:00.000Z","loglevel":"INFO","hostname":"%s","worker":"%s",'
                       '"run_id":null,"seq":%%d,"message":{"class":"request","request_type":"GET","name":"/",'
                       '"result":"success","status":200,"response_time":1.5,"response_length":5,'
@@ -247,6 +255,7 @@ def load_generators(address, count, rate, seconds, tag="sim"):
     totals = {key: sum(getattr(h, key) for h in handlers) for key in ("made", "acked", "dropped", "sent", "resent")}
     totals["warned"] = sum("over half of ZMQ_SINK_QUEUE" in warning for warning in warnings)
     totals["workers"] = {h.worker.decode(): [h.made, h.dropped] for h in handlers}
+    totals["ack_times"] = ack_times
     print(json.dumps(totals), flush=True)
 
 
@@ -453,25 +462,66 @@ def browser_load(page):
     return time.monotonic() - started
 
 
-def sink_start(collected):
-    """Seconds from starting sink.py on a collected file until its first record is written: it reads back
-    which records the file holds first."""
+def sink_start(collected, index):
+    """Seconds from starting sink.py on a collected file until it acknowledges a first numbered record: it first
+    learns which records the file holds, from its index beside it if there is one (then the file keeps the new
+    record, and the index covers it), or from every line."""
+    if not index:
+        Path(f"{collected}.index").unlink(missing_ok=True)
     address = f"tcp://127.0.0.1:{free_port()}"
     size = collected.stat().st_size
+    worker = f"bench_{os.getpid():032x}"
     started = time.monotonic()
     sink = subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--bind", address, "--log-file", str(collected)],
                             stderr=subprocess.PIPE, text=True, preexec_fn=on_core(MEASURED_CORE))
-    with zmq.Context() as context, context.socket(zmq.PUSH) as pusher:
+    with zmq.Context() as context, context.socket(zmq.PUSH) as pusher, context.socket(zmq.SUB) as acks:
+        acks.subscribe(worker.encode())
+        acks.connect(f"{address.rsplit(':', 1)[0]}:{int(address.rsplit(':', 1)[1]) + 1}")
         pusher.connect(address)
-        pusher.send(b'{"first": "record"}')
-        while collected.stat().st_size == size:
-            time.sleep(0.005)
+        while True:  # sent again until acknowledged: an acknowledgement before the subscription arrived is lost
+            pusher.send_multipart([b"1 " + worker.encode(), json.dumps({"worker": worker, "seq": 1}).encode()])
+            if acks.poll(20):
+                break
         took = time.monotonic() - started
     sink.send_signal(signal.SIGTERM)
     start_line = sink.communicate()[1].splitlines()[0]
-    with open(collected, "r+b") as restore:  # the report's file as it was
-        restore.truncate(size)
+    if not index:
+        with open(collected, "r+b") as restore:  # the report's file as it was
+            restore.truncate(size)
     return took, start_line
+
+
+def scale_run(workdir, generators, rate, seconds=30, processes=4):
+    """sink.py on one core, `generators` load generators (bench.py load-generators, the locustfile's own push
+    handler) in `processes` processes on the other, each at `rate` records a second."""
+    address, out = f"tcp://127.0.0.1:{free_port()}", workdir / "scale.jsonl"
+    sink = subprocess.Popen([sys.executable, str(REPO / "sink.py"), "--bind", address, "--log-file", str(out)],
+                            stderr=subprocess.PIPE, text=True, preexec_fn=on_core(MEASURED_CORE))
+    sink.stderr.readline()
+    process = psutil.Process(sink.pid)
+    started = [subprocess.Popen([sys.executable, __file__, "load-generators", address, str(generators // processes),
+                                 str(rate), str(seconds), f"p{n}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True, env=dict(os.environ, ZMQ_SINK_FLUSH_TIMEOUT="30"),
+                                preexec_fn=on_core(HELPER_CORE)) for n in range(processes)]
+    for generator in started:
+        assert generator.stdout.readline() == "ready\n"
+    cpu_before, rss = sum(process.cpu_times()[:2]), []
+    while any(generator.poll() is None for generator in started):
+        rss.append(process.memory_info().rss)
+        time.sleep(0.5)
+    cpu = sum(process.cpu_times()[:2]) - cpu_before
+    results = [json.loads(generator.stdout.read().splitlines()[-1]) for generator in started]
+    sink.send_signal(signal.SIGTERM)
+    summary = sink.communicate()[1].splitlines()[-1]
+    out.unlink()
+    Path(f"{out}.index").unlink(missing_ok=True)
+    written, took, again = map(float, re.search(r"(\d+) records written in ([\d.]+)s .* (\d+) records sent again",
+                                                summary).groups())
+    acks = sorted(t for r in results for t in r["ack_times"])
+    return {"generators": generators, "rate": rate, "made": sum(r["made"] for r in results),
+            "acked": sum(r["acked"] for r in results), "written": written, "seconds": took, "again": again,
+            "frames": len(acks), "cpu": cpu, "rss": max(rss),
+            "ack_p50": acks[len(acks) // 2], "ack_p99": acks[len(acks) * 99 // 100]}
 
 
 def bytes_as_dicts(collected, records=100_000):
@@ -490,7 +540,17 @@ def main():
     parser.add_argument("--rounds", type=int, default=5,
                         help="Locust runs, each measuring every variant in turns (default 5)")
     parser.add_argument("--sink-rounds", type=int, default=3, help="runs of the sink and of the bare loop (default 3)")
+    parser.add_argument("--start-and-scale", action="store_true", help="only parts 5 and 6 (about 4 minutes)")
     args = parser.parse_args()
+    if args.start_and_scale:
+        with tempfile.TemporaryDirectory() as tmp:
+            collected = Path(tmp) / "collected.jsonl"
+            write_collected(collected, REPORT_RECORDS)
+            starts = [sink_start(collected, index=False) for _ in range(args.sink_rounds)]
+            indexed = [sink_start(collected, index=True) for _ in range(args.sink_rounds + 1)][1:]
+            scale = [scale_run(Path(tmp), generators, rate) for generators, rate in SCALE]
+        print(platform_line())
+        return print_start_and_scale(starts, indexed, scale)
 
     port = free_port()
     target = subprocess.Popen([sys.executable, __file__, "serve", str(port)], preexec_fn=on_core(HELPER_CORE))
@@ -536,7 +596,10 @@ def main():
             page_bytes, hour_bytes, hour_page_bytes = page.stat().st_size, hour.stat().st_size, hour_page.stat().st_size
             loads = [browser_load(hour_page) for _ in range(args.sink_rounds)] if shutil.which("chromium") else []
             print("part 5: a sink starting on the collected file", file=sys.stderr)
-            starts = [sink_start(collected) for _ in range(args.sink_rounds)]
+            starts = [sink_start(collected, index=False) for _ in range(args.sink_rounds)]
+            indexed = [sink_start(collected, index=True) for _ in range(args.sink_rounds + 1)][1:]  # the 1st writes it
+            print("part 6: many load generators", file=sys.stderr)
+            scale = [scale_run(workdir, generators, rate) for generators, rate in SCALE]
         finally:
             target.kill()
             target.wait()
@@ -606,8 +669,25 @@ def main():
              f"{len(loads)})" if loads else "no chromium here to open it"))
     print(f"(the same records kept as dicts from json.loads: {dict_bytes / 1000:.1f} kB each over the first 100,000, "
           f"so {dict_bytes * REPORT_RECORDS / 1e9:.1f} GB for the file)")
-    print(f"\nSink start on that file: {statistics.median(took for took, _ in starts):.1f} s to its first write "
-          f"(median of {len(starts)}: {', '.join(f'{took:.2f}' for took, _ in starts)}); it said: {starts[-1][1]}")
+    print_start_and_scale(starts, indexed, scale)
+
+
+def print_start_and_scale(starts, indexed, scale):
+    for label, runs in (("without an index", starts), ("with its index", indexed)):
+        print(f"\nSink start on that file, {label}: {statistics.median(took for took, _ in runs):.2f} s to its first "
+              f"acknowledgement (median of {len(runs)}: {', '.join(f'{took:.2f}' for took, _ in runs)}); it said: "
+              f"{runs[-1][1]}")
+    print("\nMany load generators: sink.py on one core, the locustfile's push handler in 4 processes on the other, "
+          "each generator with its own sockets, for 30 s; ack: the time from a frame's send to its acknowledgement, "
+          "as the handler measures it")
+    print("| load generators x records/s | made | written | received again | sink records/s | frames/s | "
+          "sink CPU | ack p50 | ack p99 | sink peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in scale:
+        print(f"| {r['generators']} x {r['rate']} | {r['made']:,} | {r['written']:,.0f} | {r['again']:,.0f} | "
+              f"{r['written'] / r['seconds']:,.0f} | {r['frames'] / r['seconds']:,.0f} | "
+              f"{r['cpu'] / r['seconds']:.0%} | {r['ack_p50'] * 1000:.0f} ms | {r['ack_p99'] * 1000:.0f} ms | "
+              f"{r['rss'] / (1 << 20):.0f} MB |")
 
 
 def platform_line():

@@ -1514,6 +1514,7 @@ def finish_simulated(started):
         assert generators.returncode == 0, err[-2000:]
         result = json.loads(out.splitlines()[-1])
         workers.update(result.pop("workers"))
+        del result["ack_times"]
         totals.update(result)
     return {**totals, "workers": workers}
 
