@@ -599,7 +599,7 @@ def main():
     try:
         listeners = [listen(socket, address) for socket, address in ((acks, ack_address(args.bind)), (pull, args.bind))]
     except (ValueError, OSError, zmq.ZMQError) as error:
-        sys.exit(f"sink: --bind {args.bind} (ZMQ_SINK_BIND): {getattr(error, 'strerror', None) or error}; expected tcp://HOST:PORT with PORT and PORT + 1 "
+        sys.exit(f"sink: --bind {args.bind} (ZMQ_SINK_BIND): {os.strerror(error.errno) if isinstance(error, OSError) and error.errno else error}; expected tcp://HOST:PORT with PORT and PORT + 1 "
                  "free, such as tcp://127.0.0.1:5555")
     endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
     try:
