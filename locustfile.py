@@ -312,12 +312,13 @@ class ZmqPushHandler(LinesHandler):
     Every 50 ms a greenlet reads the acknowledgements and sends while fewer than WINDOW frames are in flight:
     first the frames to send again, then new ones. A new frame leaves when it is full or its first record has
     waited LINGER: a process at a low rate sends few, full frames, and while the window is full the records
-    gather into full frames, so the sink's cost per record falls as its load rises. A frame is sent again when
-    the connection it was sent on dropped, or when it is unacknowledged past a timeout that follows the
-    acknowledgement times measured, as TCP's retransmission timer does (RFC 6298), doubled at each try: a sink
-    that is behind gets its frames late, not twice. Every send is non-blocking: a plain pyzmq send that blocks
-    would freeze every greenlet of the worker, users and heartbeats included. IMMEDIATE keeps ZeroMQ from
-    accepting frames while no sink is connected, so records stay in our queue, where they are counted.
+    gather into full frames, so the sink's cost per record falls as its load rises. Frames are sent again when
+    what carried them may be lost (a connection dropped, or an acknowledgement connection was made anew), and
+    the oldest alone when it waited past a timeout that follows the acknowledgement times measured, as TCP's
+    retransmission timer does (RFC 6298): a sink that is behind gets its frames late, not twice. Every send is
+    non-blocking: a plain pyzmq send that blocks would freeze every greenlet of the worker, users and
+    heartbeats included. IMMEDIATE keeps ZeroMQ from accepting frames while no sink is connected, so records
+    stay in our queue, where they are counted.
 
     ZMTP heartbeats run on the acknowledgement socket only. The sink's PULL socket stops reading a connection
     while the sink is behind or its file refuses writes, and libzmq 4.3.5 aborts the sink's process when it then
@@ -409,7 +410,8 @@ class ZmqPushHandler(LinesHandler):
             while self.pending and len(lines) < self.BATCH and size + len(self.pending[0]) < self.FRAME_BYTES:
                 lines.append(self.pending.popleft())
                 size += len(lines[-1]) + 1
-            self.pending_first, self.pending_bytes, self.pending_since = first + len(lines), self.pending_bytes - size, now
+            self.pending_first, self.pending_since = first + len(lines), now
+            self.pending_bytes -= size
             if size > self.RECORD_BYTES + 1:  # one record (frames exceed FRAME_BYTES alone) the sink would refuse
                 self.dropped += 1
                 self.queued -= 1
@@ -431,7 +433,7 @@ class ZmqPushHandler(LinesHandler):
             self.to_send.extendleft(reversed(self.in_flight.values()))
             self.in_flight.clear()
         oldest = next(iter(self.in_flight.values()), None)
-        if oldest and now - max(oldest.sent_at, self.waiting_since) >= min(self.MAX_TIMEOUT, self.timeout() * self.backoff):
+        if oldest and now - max(oldest.sent_at, self.waiting_since) >= self.timeout():
             del self.in_flight[oldest.first]
             self.to_send.appendleft(oldest)
             self.waiting_since, self.backoff = now, self.backoff * 2
@@ -467,10 +469,9 @@ class ZmqPushHandler(LinesHandler):
         return lost
 
     def timeout(self):
-        """Seconds a frame waits for its acknowledgement before it is sent again, at its first try."""
-        if self.round_trip is None:
-            return self.MIN_TIMEOUT
-        return min(self.MAX_TIMEOUT, max(self.MIN_TIMEOUT, self.round_trip + 4 * self.deviation))
+        """Seconds the oldest frame in flight waits for its acknowledgement before it is sent again."""
+        measured = self.MIN_TIMEOUT if self.round_trip is None else self.round_trip + 4 * self.deviation
+        return min(self.MAX_TIMEOUT, max(self.MIN_TIMEOUT, measured) * self.backoff)
 
     def _read_acks(self, now):
         while True:
@@ -535,7 +536,7 @@ class ZmqPushHandler(LinesHandler):
                 )
             elif self.made:
                 console.info("ZeroMQ sink %s: all %d records acknowledged, %d sent again", self.address, self.acked,
-                         self.resent)
+                             self.resent)
         super().close()
 
 

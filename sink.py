@@ -380,8 +380,9 @@ class Sink:
 
     def behind(self, now):
         """How far behind the sink is, for its progress line, since the last call."""
-        said = (f"; behind for {now - self.behind_since:.0f}s: {len(self.waiting)} load generators wait their "
-                f"turn, a frame up to {self.longest_wait:.1f}s" if self.behind_since is not None else "")
+        said = (f"; behind for {now - self.behind_since:.0f}s: {len(self.waiting)} load generators waiting their "
+                f"turn, up to {self.longest_wait:.1f}s between two frames of one" if self.behind_since is not None
+                else "")
         self.waiting, self.longest_wait = set(), 0.0
         return said
 
@@ -597,9 +598,10 @@ def main():
         for socket in (pull, acks):
             socket.curve_server, socket.curve_publickey, socket.curve_secretkey = True, public, secret
     try:
-        listeners = [listen(socket, address) for socket, address in ((acks, ack_address(args.bind)), (pull, args.bind))]
+        listeners = [listen(acks, ack_address(args.bind)), listen(pull, args.bind)]
     except (ValueError, OSError, zmq.ZMQError) as error:
-        sys.exit(f"sink: --bind {args.bind} (ZMQ_SINK_BIND): {os.strerror(error.errno) if isinstance(error, OSError) and error.errno else error}; expected tcp://HOST:PORT with PORT and PORT + 1 "
+        why = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else error  # no "[Errno 98]"
+        sys.exit(f"sink: --bind {args.bind} (ZMQ_SINK_BIND): {why}; expected tcp://HOST:PORT with PORT and PORT + 1 "
                  "free, such as tcp://127.0.0.1:5555")
     endpoint = pull.getsockopt_string(zmq.LAST_ENDPOINT)
     try:
