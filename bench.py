@@ -17,6 +17,10 @@ Everything runs on 127.0.0.1 and is started and stopped here:
 4. Report. `report.py --timeline` on a collected file of 2 million records: time and peak RSS, with and
    without simdjson, merging the file with itself (every record twice), and with --html; --html over one
    hour of 50 names, and how long headless Chromium (if installed) takes to open that page.
+5. Restart. A sink started on that file: the time to its first acknowledgement, without and with its index.
+6. Many load generators: 50, 200 and 1000 of the locustfile's own push handlers against one sink on one core.
+
+    python bench.py --start-and-scale   # only parts 5 and 6
 """
 
 import argparse
@@ -546,11 +550,9 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             collected = Path(tmp) / "collected.jsonl"
             write_collected(collected, REPORT_RECORDS)
-            starts = [sink_start(collected, index=False) for _ in range(args.sink_rounds)]
-            indexed = [sink_start(collected, index=True) for _ in range(args.sink_rounds + 1)][1:]
-            scale = [scale_run(Path(tmp), generators, rate) for generators, rate in SCALE]
+            results = start_and_scale(Path(tmp), collected, args.sink_rounds)
         print(platform_line())
-        return print_start_and_scale(starts, indexed, scale)
+        return print_start_and_scale(*results)
 
     port = free_port()
     target = subprocess.Popen([sys.executable, __file__, "serve", str(port)], preexec_fn=on_core(HELPER_CORE))
@@ -595,11 +597,7 @@ def main():
                          for _ in range(args.sink_rounds)]
             page_bytes, hour_bytes, hour_page_bytes = page.stat().st_size, hour.stat().st_size, hour_page.stat().st_size
             loads = [browser_load(hour_page) for _ in range(args.sink_rounds)] if shutil.which("chromium") else []
-            print("part 5: a sink starting on the collected file", file=sys.stderr)
-            starts = [sink_start(collected, index=False) for _ in range(args.sink_rounds)]
-            indexed = [sink_start(collected, index=True) for _ in range(args.sink_rounds + 1)][1:]  # the 1st writes it
-            print("part 6: many load generators", file=sys.stderr)
-            scale = [scale_run(workdir, generators, rate) for generators, rate in SCALE]
+            starts_and_scale = start_and_scale(workdir, collected, args.sink_rounds)
         finally:
             target.kill()
             target.wait()
@@ -669,7 +667,16 @@ def main():
              f"{len(loads)})" if loads else "no chromium here to open it"))
     print(f"(the same records kept as dicts from json.loads: {dict_bytes / 1000:.1f} kB each over the first 100,000, "
           f"so {dict_bytes * REPORT_RECORDS / 1e9:.1f} GB for the file)")
-    print_start_and_scale(starts, indexed, scale)
+    print_start_and_scale(*starts_and_scale)
+
+
+def start_and_scale(workdir, collected, rounds):
+    """Parts 5 and 6."""
+    print("part 5: a sink starting on the collected file", file=sys.stderr)
+    starts = [sink_start(collected, index=False) for _ in range(rounds)]
+    indexed = [sink_start(collected, index=True) for _ in range(rounds + 1)][1:]  # the first one writes the index
+    print("part 6: many load generators", file=sys.stderr)
+    return starts, indexed, [scale_run(workdir, generators, rate) for generators, rate in SCALE]
 
 
 def print_start_and_scale(starts, indexed, scale):
@@ -682,6 +689,7 @@ def print_start_and_scale(starts, indexed, scale):
           "as the handler measures it")
     print("| load generators x records/s | made | written | received again | sink records/s | frames/s | "
           "sink CPU | ack p50 | ack p99 | sink peak RSS |")
+    # frames/s: those acknowledged at their first send, whose acknowledgement times the handler measures
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in scale:
         print(f"| {r['generators']} x {r['rate']} | {r['made']:,} | {r['written']:,.0f} | {r['again']:,.0f} | "
