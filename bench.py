@@ -241,10 +241,11 @@ def load_generators(address, count, rate, seconds, tag="sim"):
     for n in range(count):
         worker = f"{tag}-{n}_{os.getpid()}_{random.getrandbits(64):016x}"
         handlers.append(Measured([address], worker, queue, flush))
-        lines.append(('{"time":"2026-12-01T10:00:00.000Z","loglevel":"INFO","hostname":"%s","worker":"%s",'
-                      '"run_id":null,"seq":%%d,"message":{"class":"request","request_type":"GET","name":"/",'
-                      '"result":"success","status":200,"response_time":1.5,"response_length":5,'
-                      '"start_time":1795882235.585,"url":"http://127.0.0.1:8089/","other":{}}}' % (tag, worker)).encode())
+        lines.append(b'{"time":"2026-12-01T10:00:00.000Z","loglevel":"INFO","hostname":"%s","worker":"%s",'
+                     b'"run_id":null,"seq":%%d,"message":{"class":"request","request_type":"GET","name":"/",'
+                     b'"result":"success","status":200,"response_time":1.5,"response_length":5,'
+                     b'"start_time":1795882235.585,"url":"http://127.0.0.1:8089/","other":{}}}'
+                     % (tag.encode(), worker.encode()))
     made = [0] * count
     print("ready", flush=True)
     started = time.monotonic()
@@ -545,7 +546,12 @@ def main():
                         help="Locust runs, each measuring every variant in turns (default 5)")
     parser.add_argument("--sink-rounds", type=int, default=3, help="runs of the sink and of the bare loop (default 3)")
     parser.add_argument("--start-and-scale", action="store_true", help="only parts 5 and 6 (about 4 minutes)")
+    parser.add_argument("--against", metavar="COMMIT", help="only part 1 (--rounds runs) and part 2's sink "
+                                                            "acknowledging (--sink-rounds runs), for this code and "
+                                                            "COMMIT's in turns")
     args = parser.parse_args()
+    if args.against:
+        return against(args.against, args.rounds, args.sink_rounds)
     if args.start_and_scale:
         with tempfile.TemporaryDirectory() as tmp:
             collected = Path(tmp) / "collected.jsonl"
@@ -677,6 +683,42 @@ def start_and_scale(workdir, collected, rounds):
     indexed = [sink_start(collected, index=True) for _ in range(rounds + 1)][1:]  # the first one writes the index
     print("part 6: many load generators", file=sys.stderr)
     return starts, indexed, [scale_run(workdir, generators, rate) for generators, rate in SCALE]
+
+
+def against(commit, rounds, sink_rounds):
+    """What the hooks cost and how fast one sink writes, measured for this code and for `commit`'s (checked out
+    into a scratch folder) in turns, so that the VM's drift falls on both alike."""
+    port = free_port()
+    target = subprocess.Popen([sys.executable, __file__, "serve", str(port)], preexec_fn=on_core(HELPER_CORE))
+    here, results = REPO, {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(tmp)
+            subprocess.run(["git", "-C", str(here), "worktree", "add", "-q", "--detach", str(workdir / "old"), commit],
+                           check=True)
+            for n in range(max(rounds, sink_rounds)):
+                for label, repo in ((commit, workdir / "old"), ("this code", here)):
+                    globals()["REPO"] = repo  # hook_cost and sink_run start the locustfile and sink.py from there
+                    cycles, sinks = results.setdefault(label, ([], []))
+                    if n < rounds:
+                        cycles += hook_cost(workdir, f"http://127.0.0.1:{port}", 1)
+                    if n < sink_rounds:
+                        sinks.append(sink_run(workdir, os.environ))
+    finally:
+        globals()["REPO"] = here
+        subprocess.run(["git", "-C", str(here), "worktree", "prune"], check=False)
+        target.kill()
+        target.wait()
+    print(platform_line())
+    for label, (cycles, sinks) in results.items():
+        ratios = [c["this project"][0] / c["this project"][1] / (c["no hooks"][0] / c["no hooks"][1]) for c in cycles]
+        low, _, high = statistics.quantiles(ratios, n=4)
+        rates = [s["records"] / s["seconds"] for s in sinks]
+        cpu = statistics.median(s["cpu"] / s["records"] * 1e6 for s in sinks)
+        print(f"{label}: hooks {statistics.median(ratios):.3f}× ({low:.3f}–{high:.3f}, {len(ratios)} cycles); "
+              f"one sink acknowledging {statistics.median(rates):,.0f} records/s (runs: "
+              f"{', '.join(f'{r:,.0f}' for r in rates)}), {cpu:.2f} µs of CPU a record; every record acknowledged: "
+              f"{all(s['acknowledged'] == s['records'] == s['parsed'] for s in sinks)}")
 
 
 def print_start_and_scale(starts, indexed, scale):

@@ -610,7 +610,7 @@ def main():
         sys.exit(f"sink: --log-file {args.log_file} (ZMQ_SINK_LOG_FILE): {error.strerror}; expected a file it can "
                  "append to, in a folder that exists")
     spare = os.open(os.devnull, os.O_RDONLY)
-    room = (descriptors - len(os.listdir("/proc/self/fd")) - RESERVED_DESCRIPTORS) // 2
+    room = (descriptors - len(os.listdir("/dev/fd")) - RESERVED_DESCRIPTORS) // 2
     access = (f"only CURVE clients with one of the {len(curve[2])} keys in {args.curve_clients}" if curve
               else "anyone who can connect, unencrypted")
     print(f"sink: listening on {endpoint} (acknowledgements on {acks.getsockopt_string(zmq.LAST_ENDPOINT)}) for "

@@ -606,6 +606,23 @@ def test_a_sink_acknowledges_only_what_its_file_holds(tmp_path, tag, sinks):
     assert [r["seq"] for r in read_records(sink.log_file)] == list(range(1, 101))
 
 
+def test_a_long_drain_is_acknowledged_as_it_goes(tmp_path, tag, sinks, without_accelerators):
+    sink = sinks(settings=without_accelerators)  # the json module only: the drain below takes it over a second
+    messages = [numbered("w", first, 100) for first in range(1, 200_001, 100)]
+    with load_generator(sink) as (push, acks):
+        started = time.monotonic()
+        for message in messages:
+            push.send_multipart(message)
+        arrivals, frames = [], 0
+        while frames < len(messages):
+            frames += len(acknowledgements(acks, 1))
+            arrivals.append(time.monotonic())
+    sink.stop()
+    assert arrivals[-1] - started > 1.0, "a drain long enough to show when acknowledgements come"
+    gaps = [later - earlier for earlier, later in zip([started] + arrivals, arrivals)]
+    assert max(gaps) < 0.25, f"{max(gaps):.2f}s without an acknowledgement"
+
+
 def test_a_sink_down_for_the_first_seconds_gets_every_record_of_master_and_workers(tmp_path, tag, target, sinks):
     address = f"tcp://127.0.0.1:{free_port()}"
     port = str(free_port())
@@ -1514,7 +1531,7 @@ def finish_simulated(started):
         assert generators.returncode == 0, err[-2000:]
         result = json.loads(out.splitlines()[-1])
         workers.update(result.pop("workers"))
-        del result["ack_times"]
+        result["frames"] = len(result.pop("ack_times"))  # acknowledged at their first send
         totals.update(result)
     return {**totals, "workers": workers}
 
@@ -1600,6 +1617,8 @@ def test_many_load_generators_deliver_every_record_once(tmp_path, tag, sinks, co
                                                         settings={"ZMQ_SINK_FLUSH_TIMEOUT": "30"}))
     written, again = sink_summary(sink.stop())
     assert result["acked"] == result["made"] == written >= count * rate * 9
+    # Fewer, fuller frames: one a second each, not one every 50 ms, and the last ones at the end.
+    assert result["frames"] <= count * 12, result["frames"]
     assert_each_record_once(sink.log_file, result)
     assert again <= 0.1 * result["made"], (again, result["resent"])
 
