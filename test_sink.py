@@ -608,15 +608,16 @@ def test_a_sink_acknowledges_only_what_its_file_holds(tmp_path, tag, sinks):
 
 def test_a_long_drain_is_acknowledged_as_it_goes(tmp_path, tag, sinks, without_accelerators):
     sink = sinks(settings=without_accelerators)  # the json module only: the drain below takes it over a second
-    messages = [numbered("w", first, 100) for first in range(1, 200_001, 100)]
+    messages = [numbered("w", first, 100) for first in range(1, 400_001, 100)]
     with load_generator(sink) as (push, acks):
+        sending = threading.Thread(target=lambda: [push.send_multipart(message) for message in messages])
         started = time.monotonic()
-        for message in messages:
-            push.send_multipart(message)
+        sending.start()
         arrivals, frames = [], 0
         while frames < len(messages):
             frames += len(acknowledgements(acks, 1))
             arrivals.append(time.monotonic())
+        sending.join()
     sink.stop()
     assert arrivals[-1] - started > 1.0, "a drain long enough to show when acknowledgements come"
     gaps = [later - earlier for earlier, later in zip([started] + arrivals, arrivals)]
