@@ -548,6 +548,7 @@ def test_a_record_sent_again_is_written_once_also_by_a_sink_started_again(tmp_pa
         push.send_multipart([b"7 w", numbered("w", 6, 1)[1]])  # numbered unlike its records: rejected
         push.send_multipart([b"8 w", numbered("w", 8, 1)[1], b"{}"])  # three frames: plain, and one is not JSON
         wait_for(lambda: len(complete_lines(sink.log_file)) == 9, what="the records")
+        reconnected = acks.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         summary = sink.stop()
         assert "9 records written" in summary and "3 records sent again and already in the file" in summary
         assert "2 frames rejected (1 not JSON, 1 numbered unlike its records)" in summary
@@ -561,7 +562,11 @@ def test_a_record_sent_again_is_written_once_also_by_a_sink_started_again(tmp_pa
         assert re.search(r"\(holding records of 2 processes: 0 MB read in [\d.]+s, the rest known from its index\) "
                          r"\(cut its incomplete last line, 20 bytes, never acknowledged\)", restarted.stderr()), \
             restarted.stderr()
-        time.sleep(1)  # both connections come back, and the subscription reaches the new sink
+        # The acknowledgement connection comes back, and its subscription reaches the new sink.
+        assert reconnected.poll(10_000), "the SUB socket connected to the new sink"
+        acks.disable_monitor()
+        reconnected.close()
+        time.sleep(0.5)
         push.send_multipart(numbered("w", 4, 4))  # 4 and 5 are in the file, 6 and 7 are not
         assert acknowledgements(acks, 1) == [(b"w", 4, 4)]
         summary = restarted.stop()
