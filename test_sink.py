@@ -613,11 +613,14 @@ def test_a_sink_acknowledges_only_what_its_file_holds(tmp_path, tag, sinks):
 
 def test_a_long_drain_is_acknowledged_as_it_goes(tmp_path, tag, sinks, without_accelerators):
     sink = sinks(settings=without_accelerators)  # the json module only: the drain below takes it over a second
-    messages = [numbered("w", first, 100) for first in range(1, 400_001, 100)]
+    messages = [numbered("w", first, 1000) for first in range(1, 400_001, 1000)]
     with load_generator(sink) as (push, acks):
         sending = threading.Thread(target=lambda: [push.send_multipart(message) for message in messages])
-        started = time.monotonic()
+        sink.proc.send_signal(signal.SIGSTOP)  # a backlog first, so that one drain goes on and on
         sending.start()
+        time.sleep(1)
+        started = time.monotonic()
+        sink.proc.send_signal(signal.SIGCONT)
         arrivals, frames = [], 0
         while frames < len(messages):
             frames += len(acknowledgements(acks, 1))
