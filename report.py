@@ -8,6 +8,8 @@ Usage::
     python report.py requests.jsonl local.*.jsonl --require-complete   # fill its gaps from local copies
     python report.py requests.jsonl --run RUN_ID --timeline timeline.csv --json
     python report.py requests.jsonl --html report.html        # a page with charts (pip install plotly)
+    python report.py requests.jsonl --skip-first 30s --check 'each: p95 < 500' --check 'failures < 1%' \
+        --baseline last-week.jsonl --check 'p95 < baseline + 10%' --junit checks.xml   # a verdict for CI
 
 Files are read as one: a record in several of them (the same ``worker`` and ``seq``) counts once. Each
 process numbers its records 1, 2, 3, ... and ends with a record that says how many it made, so a gap in the
@@ -21,6 +23,11 @@ grouped as Locust's failures table groups them (by Locust's error text, which is
 worker's peak CPU and memory from its resource samples. ``--timeline`` also writes one CSV row per second
 of each run, ``--html`` one self-contained page with the tables and charts per second. ``--json`` prints
 it all as one JSON object.
+
+Then the verdict, for CI: each ``--check`` rule on each run (exit 1 if one fails), a ``--baseline`` run
+compared name by name, within ``--skip-first`` and ``--skip-last`` of each run. Each percentile carries its
+95% confidence interval: two of the sorted values, at ranks from the binomial distribution, whatever the
+distribution of the times. ``--junit`` and ``--markdown`` write the verdict for a CI system.
 """
 
 import argparse
@@ -29,6 +36,7 @@ import heapq
 import html
 import json
 import math
+import operator
 import os
 import re
 import signal
@@ -38,7 +46,9 @@ from array import array
 from bisect import bisect_right
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
+from fractions import Fraction
 from itertools import chain
+from xml.etree import ElementTree
 
 from sink import BOM, decoder, simdjson, simdjson_parser  # what a record is, decided as the sink decides it
 
@@ -63,7 +73,35 @@ def read_json(line):
 
 def percentile(ordered, percent):
     """Nearest rank: the smallest value that at least `percent` % of the values do not exceed."""
-    return ordered[-(-len(ordered) * percent // 100) - 1]  # rank ceil(n * percent / 100), exact in integers
+    return ordered[-(-len(ordered) * percent // 100) - 1]  # rank ceil(n * percent / 100), exact (int or Fraction)
+
+
+def rank_interval(n, percent, confidence=0.95):
+    """The ranks (from 1) of two of n sorted values between which the true percentile lies with at least
+    `confidence`, whatever the distribution: how many values fall below it is binomial(n, percent / 100).
+    The lower rank is the highest whose binomial tail below is at most (1 - confidence) / 2, the upper the
+    lowest whose tail above is; None where n is too small for one (the interval is open on that side)."""
+    q, tail = float(percent) / 100, (1 - confidence) / 2
+    spread = math.sqrt(n * q * (1 - q))
+    k = max(0, int(n * q - 8 * spread) - 8)  # the binomial mass below this is under 1e-15
+    probability = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                           + k * math.log(q) + (n - k) * math.log1p(-q))
+    below = 0.0  # P(count < k)
+    lower = None
+    while k <= n:
+        if below >= 1 - tail:
+            return lower, k
+        if below <= tail and k:
+            lower = k
+        below += probability
+        probability *= (n - k) / (k + 1) * q / (1 - q)
+        k += 1
+    return lower, None
+
+
+def interval(ordered, percent):
+    """The 95% confidence interval of a percentile of these sorted values, [low, high]; None for an open side."""
+    return [None if rank is None else ordered[rank - 1] for rank in rank_interval(len(ordered), percent)]
 
 
 class Process:
@@ -141,6 +179,7 @@ class Run:
     """What the report keeps of one run: counts, and each response time as an 8-byte float."""
 
     def __init__(self, over_time):
+        self.outside = 0  # requests left out by --skip-first and --skip-last
         self.response_times = defaultdict(lambda: array("d"))  # (request_type, name) -> milliseconds
         self.failures = Counter()  # (request_type, name) -> failed requests
         self.errors = Counter()  # (request_type, name, error) -> failed requests, as Locust's failures table
@@ -187,9 +226,10 @@ class Collected:
     """Reads collected files line by line, keeping per process the seqs read, and per run what the report
     needs; never the records."""
 
-    def __init__(self, only_run, over_time):
+    def __init__(self, only_run, over_time, windows):
         self.only_run = only_run
         self.over_time = over_time
+        self.windows = windows  # run id -> (from, to): the `time`s of the records it keeps of that run
         self.processes = {}  # worker -> Process
         self.runs = {}  # run id -> Run, in the order of each run's first line
         self.run_ids = set()
@@ -251,12 +291,48 @@ class Collected:
         if self.only_run is not None and run_id != self.only_run:
             return "another run"
         run = self.runs.get(run_id) or self.runs.setdefault(run_id, Run(self.over_time))
+        window = self.windows.get(run_id)
+        if window and not window[0] <= when <= window[1]:
+            run.outside += kind == "request"
+            return "outside_window"
         if kind == "request":
             run.add_request(when, worker, hostname, (request_type, name), response_time, result != "success", status,
                             error)
             return "request"
         run.add_sample(when, worker, hostname, cpu, rss)
         return "sample"
+
+
+def collect(paths, only_run, over_time, skip):
+    """The files read as one. With a window, read twice: first to learn when each run's requests ended."""
+    windows = {}
+    if any(skip):
+        whole = collect(paths, only_run, False, (0, 0))
+        windows = {run_id: window(run, *skip) for run_id, run in whole.runs.items() if run.first_end}
+    collected = Collected(only_run, over_time, windows)
+    progress = Progress(sum(os.path.getsize(path) for path in paths))
+    for path in paths:
+        collected.read(path, progress)
+    progress.end()
+    return collected
+
+
+def window(run, skip_first, skip_last):
+    """The `time`s of the requests a run's window keeps, both ends included: from skip_first ms after its
+    first request ended to skip_last ms before its last one did; then when those two ended."""
+    first, last = (int(epoch(when[:19])) * 1000 + int(when[20:23]) for when in (run.first_end, run.last_end))
+    return time_text(first + skip_first), time_text(last - skip_last), run.first_end, run.last_end
+
+
+def time_text(milliseconds):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(milliseconds // 1000)) + f".{milliseconds % 1000:03d}Z"
+
+
+def milliseconds_of(duration, option):
+    match = re.fullmatch(NUMBER + r"\s*(ms|s|m)?", duration.strip())
+    if not match:
+        raise ValueError(f"{option} {duration!r}: expected a duration, as 30s, 500ms or 2m")
+    return round(float(match[1]) * {"ms": 1, "s": 1000, "m": 60_000, None: 1000}[match[2]])
 
 
 class Progress:
@@ -287,9 +363,136 @@ def epoch(when):
     return datetime.fromisoformat(when.rstrip("Z")).replace(tzinfo=timezone.utc).timestamp()
 
 
+# --- What a run must hold to pass: --check rules, and a baseline run to hold it against -----------
+
+# [NAME:] METRIC OP VALUE. NAME is greedy: a name may hold a colon ("GET http://host/a: p95 < 300").
+RULE = re.compile(r"(?:(?P<scope>.*\S)\s*:)?\s*(?P<metric>[a-z][a-z0-9.]*)\s*(?P<op><=|>=|<|>|=)\s*(?P<value>.*?)\s*")
+NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+ABSOLUTE, RELATIVE = re.compile(NUMBER + r"\s*(ms|s|%)?"), re.compile(r"baseline(?:\s*([+-])\s*" + NUMBER + r"\s*%)?")
+OPERATORS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "=": operator.eq}
+UNITS = {"requests": (None,), "failures": (None, "%"), "rps": (None,), "max": (None, "ms", "s")}  # and percentiles
+METRICS = "requests, failures, rps, max or a percentile (p50, p95, p99.9, ...)"
+
+
+class Check:
+    """One --check rule, read before the files are: a mistake in it costs no minutes of reading."""
+
+    def __init__(self, rule, baseline):
+        match = RULE.fullmatch(rule)
+        if not match:
+            raise ValueError(f"--check {rule!r}: expected [NAME:] METRIC OP VALUE, as 'p95 < 300ms' or "
+                             "'each: failures < 1%'")
+        self.rule, self.scope, self.metric, self.op, value = rule, *match.group("scope", "metric", "op", "value")
+        if re.fullmatch(r"p" + NUMBER, self.metric) and 0 < float(self.metric[1:]) < 100:
+            self.metric = "p" + repr(float(self.metric[1:])).removesuffix(".0")  # p95.0 and p95 are one column
+        elif self.metric not in UNITS:
+            raise ValueError(f"--check {rule!r}: unknown metric {self.metric!r}: expected {METRICS}")
+        relative, absolute = RELATIVE.fullmatch(value), ABSOLUTE.fullmatch(value)
+        if relative:
+            if not baseline:
+                raise ValueError(f"--check {rule!r}: refers to a baseline: give its files with --baseline FILE...")
+            self.threshold, self.factor = None, 1 + float(relative[1] + relative[2]) / 100 if relative[1] else 1
+        elif absolute:
+            unit = absolute[2]
+            if unit not in UNITS.get(self.metric, UNITS["max"]):
+                units = " or ".join(u or "a bare number" for u in UNITS.get(self.metric, UNITS["max"]))
+                raise ValueError(f"--check {rule!r}: {self.metric} takes {units}, not {unit or 'a bare number'}")
+            self.threshold = float(absolute[1]) * (1000 if unit == "s" else 1)
+        else:
+            raise ValueError(f"--check {rule!r}: bad value {value!r}: expected a number (ms, s, % where they fit) "
+                             "or baseline, baseline + N%, baseline - N%")
+        self.rate = self.metric == "failures" and (relative or absolute[2] == "%")  # failures as % of requests
+        self.unit = "%" if self.rate else {"requests": "", "failures": "", "rps": "/s"}.get(self.metric, "ms")
+
+    def value(self, row):
+        if self.rate:
+            return 100 * row["failures"] / row["requests"]
+        return row["requests_per_second" if self.metric == "rps" else self.metric]
+
+    def rows(self, run):
+        """The rows of a run this rule checks; None if it names a name the run does not hold."""
+        if self.scope is None:
+            return [run["total"]]
+        if self.scope == "each":
+            return run["names"]
+        return [row for row in run["names"] if self.scope in (row["name"], f"{row['request_type']} {row['name']}")
+                ] or None
+
+    def evaluate(self, row, baseline_row):
+        measured, interval = self.value(row), row["intervals"].get(self.metric)
+        verdict = {"rule": self.rule, "name": row_name(row), "metric": self.metric, "unit": self.unit, "op": self.op,
+                   "measured": measured,
+                   "interval": interval, "threshold": self.threshold, "threshold_interval": None}
+        if self.threshold is None:
+            if baseline_row is None:
+                return {**verdict, "verdict": "no baseline", "within_noise": None}
+            base = self.value(baseline_row)
+            verdict["threshold"] = None if base is None else base * self.factor
+            if interval:
+                verdict["threshold_interval"] = [None if b is None else b * self.factor
+                                                 for b in baseline_row["intervals"][self.metric]]
+        threshold = verdict["threshold"]
+        passed = None not in (measured, threshold) and OPERATORS[self.op](measured, threshold)
+        # A percentile's 95% interval that reaches across the threshold: the verdict could go either way.
+        noise = bool(interval) and threshold is not None and overlap(interval, verdict["threshold_interval"]
+                                                                      or [threshold, threshold])
+        return {**verdict, "verdict": "pass" if passed else "fail", "within_noise": noise}
+
+
+def overlap(one, other):
+    """Whether two intervals [low, high] share a value; None is an open side."""
+    return ((one[0] is None or other[1] is None or one[0] <= other[1])
+            and (other[0] is None or one[1] is None or other[0] <= one[1]))
+
+
+def row_name(row):
+    return f"{row['request_type']} {row['name']}".strip()
+
+
+def rows_of(run):
+    """A run's rows: one per name, then the total, named Aggregated as in Locust's tables."""
+    return run["names"] + ([run["total"]] if run["total"] else [])
+
+
+def check_run(run, checks, baseline):
+    """Each rule's verdict on each row it checks; baseline is the baseline run's summary, or None."""
+    base = {row_name(row): row for row in rows_of(baseline)} if baseline else {}
+    return [check.evaluate(row, base.get(row_name(row))) for check in checks for row in check.rows(run)]
+
+
+COMPARED = {"requests": "", "failure_percent": "%", "requests_per_second": "/s", "p50": "ms", "p95": "ms",
+            "p99": "ms", "max": "ms"}  # with the unit each is shown in
+
+
+def compare(run, baseline):
+    """Per name and in total, this run's numbers beside the baseline's, with the change: in percent, in
+    points for the failure rate. A percentile whose two 95% intervals overlap has changed within the noise of
+    the two runs; `changed` lists the percentiles that moved beyond it."""
+    def rows(summary):
+        return {row_name(row): {**row, "failure_percent": 100 * row["failures"] / row["requests"]}
+                for row in rows_of(summary)}
+    this, base = rows(run), rows(baseline)
+    comparison = []
+    for name in sorted(this.keys() - {"Aggregated"} | base.keys() - {"Aggregated"}) + ["Aggregated"]:
+        a, b = this.get(name), base.get(name)
+        metrics = {}
+        for metric in COMPARED:
+            now, before = a and a[metric], b and b[metric]
+            entry = metrics[metric] = {"this": now, "baseline": before, "change": None}
+            if None not in (now, before):
+                entry["change"] = now - before if metric == "failure_percent" else (
+                    100 * (now - before) / before if before else None)
+            if metric in ("p50", "p95", "p99"):
+                entry["intervals"] = [a and a["intervals"][metric], b and b["intervals"][metric]]
+                entry["within_noise"] = None if None in (a, b) else overlap(*entry["intervals"])
+        comparison.append({"name": name, "metrics": metrics,
+                           "changed": [m for m in ("p50", "p95", "p99") if metrics[m]["within_noise"] is False]})
+    return comparison
+
+
 # --- What the report says, as one object: printed as tables, or as JSON with --json ------------------
 
-def summarize(files, collected):
+def summarize(files, collected, percentiles):
     processes = [{"worker": worker, "hostname": process.hostname, "records": process.numbered + process.unnumbered,
                   "missing": process.missing(), "ended": process.ended, "duplicates": process.duplicates,
                   "unnumbered": process.unnumbered} for worker, process in sorted(collected.processes.items())]
@@ -297,15 +500,16 @@ def summarize(files, collected):
         "files": files,
         "complete": bool(processes) and all(process.complete() for process in collected.processes.values()),
         "missing": sum(process["missing"] for process in processes),
-        "lines": {**{kind: collected.lines[kind] for kind in ("request", "sample", "other", "duplicate", "skipped",
-                                                              "unreadable")},
+        "lines": {**{kind: collected.lines[kind] for kind in ("request", "sample", "outside_window", "other",
+                                                              "duplicate", "skipped", "unreadable")},
                   "first_unreadable": collected.first_unreadable},
         "processes": processes,
-        "runs": [summarize_run(run_id, run) for run_id, run in collected.runs.items()],
+        "runs": [summarize_run(run_id, run, percentiles, collected.windows.get(run_id))
+                 for run_id, run in collected.runs.items()],
     }
 
 
-def summarize_run(run_id, run):
+def summarize_run(run_id, run, percentiles, window=None):
     span = epoch(run.last_end) - epoch(run.first_end) if run.first_end else 0.0
     statuses, every_status = defaultdict(dict), Counter()  # (request_type, name) -> {"200": requests, ...}
     for (key, status), requests in sorted(run.statuses.items(), key=lambda item: item[0][1]):
@@ -315,12 +519,13 @@ def summarize_run(run_id, run):
     for key in sorted(run.response_times, key=lambda key: (key[1], key[0])):
         ordered = sorted(run.response_times[key])
         run.response_times[key] = array("d", ordered)  # sorted, for the total's merge; the list is freed
-        names.append({"request_type": key[0], "name": key[1], **request_stats(ordered, run.failures[key], span),
-                      "status": statuses[key]})
+        names.append({"request_type": key[0], "name": key[1],
+                      **request_stats(ordered, run.failures[key], span, percentiles), "status": statuses[key]})
     total = None
     if names:
         ordered = array("d", heapq.merge(*run.response_times.values()))
-        total = {**request_stats(ordered, sum(run.failures.values()), span), "status": dict(every_status)}
+        total = {"request_type": "", "name": "Aggregated",
+                 **request_stats(ordered, sum(run.failures.values()), span, percentiles), "status": dict(every_status)}
     failures = [{"request_type": request_type, "name": name, "error": error, "occurrences": occurrences}
                 for (request_type, name, error), occurrences in sorted(
                     run.errors.items(), key=lambda item: (-item[1], item[0][1], item[0][0], str(item[0][2])))]
@@ -329,13 +534,16 @@ def summarize_run(run_id, run):
                 "peak_rss_bytes": worker.peak_rss if worker.samples else None}
                for name, worker in sorted(run.workers.items())]
     return {"run_id": run_id, "first_end": run.first_end, "last_end": run.last_end, "seconds": span,
+            "window": window and dict(zip(("from", "to", "run_first_end", "run_last_end"), window),
+                                      requests_outside=run.outside),
             "names": names, "total": total, "failures": failures, "workers": workers}
 
 
-def request_stats(ordered, failures, span):
+def request_stats(ordered, failures, span, percentiles):
     return {"requests": len(ordered), "failures": failures,
             "requests_per_second": len(ordered) / span if span else None,
-            **{f"p{p}": percentile(ordered, p) for p in PERCENTILES}, "max": ordered[-1]}
+            **{key: percentile(ordered, p) for key, p in percentiles.items()}, "max": ordered[-1],
+            "intervals": {key: interval(ordered, p) for key, p in percentiles.items()}}
 
 
 def print_report(report, only_run):
@@ -343,6 +551,7 @@ def print_report(report, only_run):
     lines = report["lines"]
     print(f"{', '.join(report['files'])}: request records {lines['request']}, resource samples {lines['sample']}"
           + (f" (of run {only_run})" if only_run is not None else "")
+          + (f", records outside the window {lines['outside_window']}" if report["skip"] else "")
           + f", other records {lines['other']}, duplicates merged {lines['duplicate']}, lines skipped "
           f"{lines['skipped']} (JSON, but not records), unreadable lines {lines['unreadable']}"
           + (f" (the first: {lines['first_unreadable']})" if lines["unreadable"] else ""))
@@ -354,6 +563,86 @@ def print_report(report, only_run):
     for run in report["runs"]:
         print_run(run)
         print_workers(run["workers"])
+        if run.get("comparison"):
+            print_comparison(run["comparison"], report["baseline"])
+    for run in report["runs"]:
+        if run.get("checks"):
+            print(f"Checks of run {run['run_id']}")
+            print_table(["rule", "name", "measured", "95% interval", "threshold", "verdict"],
+                        [check_row(check) for check in run["checks"]])
+            print()
+
+
+def print_table(header, rows):
+    widths = [max(map(len, column)) for column in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def shown(value, unit):
+    """A measured value or threshold as the tables write it."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}{unit}" if unit == "%" else f"{value:.2f} ms" if unit == "ms" else (
+        f"{value:.1f}/s" if unit == "/s" else f"{value:g}")
+
+
+def shown_interval(interval):
+    """A 95% interval of response times, "…" on a side that too few values leave open."""
+    return "" if not interval else "–".join("…" if end is None else f"{end:.2f}" for end in interval) + " ms"
+
+
+def check_row(check):
+    note = {"pass": "pass", "fail": "FAIL", "no baseline": "no baseline: not checked"}[check["verdict"]]
+    if check["within_noise"]:
+        note += ", within the noise: the 95% interval reaches across the threshold"
+    threshold = f"{check['op']} {shown(check['threshold'], check['unit'])}"
+    if check["threshold_interval"]:
+        threshold += f" ({shown_interval(check['threshold_interval'])} from the baseline's interval)"
+    return [check["rule"], check["name"], shown(check["measured"], check["unit"]), shown_interval(check["interval"]),
+            threshold, note]
+
+
+def print_comparison(comparison, baseline):
+    """This run, the baseline and the change, three lines per name."""
+    print(f"Against the baseline ({', '.join(baseline['files'])}, run {baseline['run_id']}): change in %, of the "
+          "failure rate in points; ~ marks a change within the noise of the two runs (their 95% intervals overlap)")
+    print_table(["name", "", "requests", "failures", "req/s", "p50", "p95", "p99", "max", ""],
+                comparison_rows(comparison))
+    print()
+
+
+def comparison_rows(comparison):
+    rows = []
+    for row in comparison:
+        metrics = [(row["metrics"][metric], unit) for metric, unit in COMPARED.items()]
+        rows.append([row["name"], "this run", *(shown(m["this"], unit) for m, unit in metrics), ""])
+        rows.append(["", "baseline", *(shown(m["baseline"], unit) for m, unit in metrics), ""])
+        rows.append(["", "change", *(("~" if m.get("within_noise") else "") + (
+            "-" if m["change"] is None else f"{m['change']:+.1f}" + (" pt" if unit == "%" else "%"))
+            for m, unit in metrics),
+            "beyond the noise: " + ", ".join(row["changed"]) if row["changed"] else ""])
+    return rows
+
+
+def decide(report):
+    """PASS or FAIL, and one line that says why: the checks and, with --require-complete, completeness."""
+    checks = [check for run in report["runs"] for check in run.get("checks") or ()]
+    failed = [f"{check['rule']} ({check['name']}: {shown(check['measured'], check['unit'])})"
+              for check in checks if check["verdict"] == "fail"]
+    findings = []
+    if report["rules"] and not checks:
+        findings.append("no run has requests to check")
+    elif failed:
+        findings.append(f"{len(failed)} of {count(len(checks), 'check')} failed: {', '.join(failed)}")
+    elif report["rules"]:
+        findings.append(f"all {count(len(checks), 'check')} passed")
+    if any(check["verdict"] == "no baseline" for check in checks):
+        findings.append("names the baseline lacks were not checked")
+    if report["require_complete"]:
+        findings.append("every record is there" if report["complete"] else "records are missing")
+    passed = not failed and (checks or not report["rules"]) and (report["complete"] or not report["require_complete"])
+    return bool(passed), f"{'PASS' if passed else 'FAIL'}: {'; '.join(findings)}."
 
 
 def verdict(report):
@@ -406,10 +695,12 @@ def print_run(run):
               f"({run['seconds']:.1f} s)")
     else:
         print(f"Run {run_id}: no requests")
+    if run["window"]:
+        print(window_text(run["window"]))
     width = max([len(row["name"]) for row in run["names"]] + [len("Aggregated")])
     print(table_row("Type", "Name", width, ["requests", "failures", "req/s", *(f"p{p}" for p in PERCENTILES), "max"])
           + "   (response times in ms)")
-    for row in run["names"] + ([{"request_type": "", "name": "Aggregated", **run["total"]}] if run["total"] else []):
+    for row in rows_of(run):
         rate = f"{row['requests_per_second']:.1f}" if row["requests_per_second"] else "-"
         times = [f"{row[f'p{p}']:.2f}" for p in PERCENTILES] + [f"{row['max']:.2f}"]
         print(table_row(row["request_type"], row["name"], width, [row["requests"], row["failures"], rate, *times]))
@@ -426,6 +717,12 @@ def print_run(run):
             print(f"{failure['request_type']:<6} {failure['name']:<{width}} {failure['occurrences']:>9}  "
                   f"{failure['error']}")
         print()
+
+
+def window_text(window):
+    return (f"Window: requests that ended from {window['from']} to {window['to']}, of the run's, which ended from "
+            f"{window['run_first_end']} to {window['run_last_end']}; {window['requests_outside']} left out "
+            "(--skip-first, --skip-last)")
 
 
 def table_row(request_type, name, width, columns):
@@ -471,6 +768,75 @@ def write_timeline(path, runs):
                                  "" if second.peak_cpu is None else second.peak_cpu])
 
 
+# --- The verdict for a CI system: JUnit XML (--junit), Markdown for a summary page (--markdown) ------
+
+def write_junit(path, report):
+    """One test suite per run, one test case per check, and with --require-complete one for completeness."""
+    suites = ElementTree.Element("testsuites", name="report.py " + " ".join(report["files"]))
+    runs = [run for run in report["runs"] if run["total"]] or [{"run_id": "with requests", "checks": [
+        {"rule": rule, "name": "", "verdict": "fail", "message": "no run has requests to check"}
+        for rule in report["rules"]]}]
+    for run in runs:
+        suite = ElementTree.SubElement(suites, "testsuite", name=f"run {run['run_id']}")
+        cases = [(f"{check['rule']} [{check['name']}]", check["verdict"], check.get("message") or message(check))
+                 for check in run["checks"]]
+        if report["require_complete"]:
+            cases.append(("every record is there", "pass" if report["complete"] else "fail", verdict(report)))
+        for name, outcome, text in cases:
+            case = ElementTree.SubElement(suite, "testcase", name=name, classname=f"run {run['run_id']}", time="0")
+            if outcome != "pass":
+                ElementTree.SubElement(case, "failure" if outcome == "fail" else "skipped", message=text).text = text
+        suite.set("tests", str(len(cases)))
+        suite.set("failures", str(sum(outcome == "fail" for _, outcome, _ in cases)))
+        suite.set("skipped", str(sum(outcome == "no baseline" for _, outcome, _ in cases)))
+    ElementTree.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def message(check):
+    """What a check found, in one line."""
+    if check["verdict"] == "no baseline":
+        return f"the baseline has no requests named {check['name']}"
+    return (f"{check['name']}: {check['metric']} {shown(check['measured'], check['unit'])}"
+            + (f" (95% interval {shown_interval(check['interval'])})" if check["interval"] else "")
+            + f", threshold {check['op']} {shown(check['threshold'], check['unit'])}"
+            + (": within the noise" if check["within_noise"] else ""))
+
+
+def markdown(report):
+    """The verdict, each run's checks (failed first) and its table per name."""
+    decided = bool(report["rules"] or report["require_complete"])
+    out = [f"## {md(report['decision'] if decided else verdict(report))}", *(["", md(verdict(report))] * decided)]
+    for run in report["runs"]:
+        if not run["total"]:
+            continue
+        out += ["", f"### Run {md(str(run['run_id']))}", ""]
+        if run["window"]:
+            out += [md(window_text(run["window"])), ""]
+        if run["checks"]:
+            out += md_table(["check", "name", "measured", "95% interval", "threshold", "verdict"],
+                            [check_row(check) for check in failed_first(run["checks"])]) + [""]
+        out += md_table(["type", "name", "requests", "failures", "req/s", *(f"p{p} ms" for p in PERCENTILES),
+                         "max ms"],
+                        [[row["request_type"], row["name"], str(row["requests"]), str(row["failures"]),
+                          shown(row["requests_per_second"], "/s"), *(f"{row[f'p{p}']:.2f}" for p in PERCENTILES),
+                          f"{row['max']:.2f}"] for row in rows_of(run)])
+    return "\n".join(out) + "\n"
+
+
+def md(text):
+    """Text that no Markdown reads as markup: each character that could be, as a character reference."""
+    return re.sub(r"[\\`*_\[\]<>|~&]", lambda match: f"&#{ord(match[0])};", text)
+
+
+def md_table(header, rows):
+    return ["| " + " | ".join(map(md, header)) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(md(cell) for cell in row) + " |" for row in rows)]
+
+
+def failed_first(checks):
+    return sorted(checks, key=lambda check: check["verdict"] != "fail")
+
+
 # --- The same report as one page, with charts over time (--html) -------------------------------------
 
 PAGE_STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
@@ -484,11 +850,19 @@ def write_html(path, report, runs):
     """The verdict and the tables, then per run its charts; plotly's script is inlined once, so the page
     needs no network."""
     import plotly.io  # main() made sure it is there
-    kinds = ("request", "sample", "other", "duplicate", "skipped", "unreadable")
-    page = [f"<p class='verdict {'complete' if report['complete'] else 'incomplete'}'>"
+    kinds = ("request", "sample", "outside_window", "other", "duplicate", "skipped", "unreadable")
+    decided = bool(report["rules"] or report["require_complete"])
+    page = [f"<p class='verdict {'complete' if report['passed'] else 'incomplete'}'>"
+            f"{html.escape(report['decision'])}</p>" if decided else "",
+            f"<p class='{'' if decided else 'verdict '}{'complete' if report['complete'] else 'incomplete'}'>"
             f"{html.escape(verdict(report))}</p>",
+            *(f"<h3>Checks of run {html.escape(str(run['run_id']))}</h3>" + html_table(
+                ["check", "name", "measured", "95% interval", "threshold", "verdict"],
+                [check_row(check) for check in failed_first(run["checks"])])
+              for run in report["runs"] if run.get("checks")),
             f"<p>{html.escape(', '.join(report['files']))}: "
-            + ", ".join(f"{kind} {report['lines'][kind]}" for kind in kinds) + "</p>",
+            + ", ".join(f"{kind} {report['lines'][kind]}" for kind in kinds
+                        if report["skip"] or kind != "outside_window") + "</p>",
             html_table(["process", "host", "records", "missing", "ended"],
                        [[p["worker"], p["hostname"], p["records"], p["missing"], "yes" if p["ended"] else "no"]
                         for p in report["processes"]])]
@@ -498,8 +872,9 @@ def write_html(path, report, runs):
         ended = (f"requests ended from {summary['first_end']} to {summary['last_end']} ({summary['seconds']:.1f} s)"
                  if summary["first_end"] else "no requests")
         page.append(f"<h2>Run {html.escape(str(summary['run_id']))}</h2><p>{ended}</p>")
-        rows = summary["names"] + ([{"request_type": "", "name": "Aggregated", **summary["total"]}]
-                                   if summary["total"] else [])
+        if summary["window"]:
+            page.append(f"<p>{html.escape(window_text(summary['window']))}</p>")
+        rows = rows_of(summary)
         page.append(html_table(
             ["type", "name", "requests", "failures", "req/s", *(f"p{p} ms" for p in PERCENTILES), "max ms",
              "status codes"],
@@ -514,6 +889,11 @@ def write_html(path, report, runs):
         page.append(html_table(["worker", "host", "requests", "samples", "peak CPU %", "peak RSS MB"], [
             [w["worker"], w["hostname"], w["requests"], w["samples"], w["peak_cpu_percent"] or "-",
              f"{w['peak_rss_bytes'] / 1e6:.1f}" if w["samples"] else "-"] for w in summary["workers"]]))
+        if summary.get("comparison"):
+            page.append(f"<h3>Against the baseline: {html.escape(', '.join(report['baseline']['files']))}, run "
+                        f"{html.escape(str(report['baseline']['run_id']))}</h3>" + html_table(
+                            ["name", "", "requests", "failures", "req/s", "p50", "p95", "p99", "max", ""],
+                            comparison_rows(summary["comparison"])))
         for figure in run_figures(run):
             page.append(plotly.io.to_html(figure, full_html=False, include_plotlyjs=next(scripts, False),
                                           config=CHART_CONFIG, validate=False))
@@ -575,52 +955,103 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", metavar="FILE", help="collected JSON-lines files, read as one")
     parser.add_argument("--run", metavar="RUN_ID", help="only this run's tables (completeness is over every run)")
+    parser.add_argument("--check", action="append", default=[], metavar="RULE",
+                        help="exit 1 unless each run holds to it: 'p95 < 300', 'each: failures < 1%%', "
+                             "'GET /items: p99 < baseline + 10%%'; repeatable")
+    parser.add_argument("--skip-first", metavar="DURATION", default="0", help="leave out each run's first "
+                        "seconds (ramp-up) from tables, checks, timeline and charts: 30s, 500ms, 2m")
+    parser.add_argument("--skip-last", metavar="DURATION", default="0", help="and its last ones (ramp-down)")
+    parser.add_argument("--baseline", nargs="+", metavar="FILE", help="an earlier run's files, to compare with")
+    parser.add_argument("--baseline-run", metavar="RUN_ID", help="the run to compare with, where they hold several")
     parser.add_argument("--timeline", metavar="OUT.csv", help="also write one CSV row per second and run")
     parser.add_argument("--html", metavar="OUT.html", help="also write the report as one page with charts over time")
+    parser.add_argument("--junit", metavar="OUT.xml", help="also write the checks as JUnit XML, for a CI system")
+    parser.add_argument("--markdown", metavar="OUT.md", help="also write the verdict, checks and tables as Markdown")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object instead of tables")
     parser.add_argument("--require-complete", action="store_true",
                         help="exit 1 if a record is missing or a process did not end cleanly")
     args = parser.parse_args()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `report.py FILE | head` ends quietly, as any Unix tool does
 
+    try:  # every mistake in the command line is found before minutes of reading
+        skip = [milliseconds_of(value, option) for value, option in ((args.skip_first, "--skip-first"),
+                                                                      (args.skip_last, "--skip-last"))]
+        checks = [Check(rule, args.baseline) for rule in args.check]
+        if args.baseline_run and not args.baseline:
+            raise ValueError("--baseline-run: names a run of the baseline: give its files with --baseline FILE...")
+    except ValueError as error:
+        print(f"report: {error}", file=sys.stderr)
+        return 2
     if args.html:
         try:
             import plotly.io  # noqa: F401 (here, not above: importing it costs every report 60 ms and 6 MB)
         except ImportError:
             print("report: --html needs plotly, to draw its charts: pip install plotly", file=sys.stderr)
             return 2
-    for path in filter(None, (args.timeline, args.html)):
+    for path in filter(None, (args.timeline, args.html, args.junit, args.markdown)):
         try:
             open(path, "a").close()  # can be written, before minutes of reading
         except OSError as error:
             print(f"report: cannot write {path}: {error.strerror}", file=sys.stderr)
             return 1
-    collected = Collected(args.run, over_time=bool(args.timeline or args.html))
     try:
-        progress = Progress(sum(os.path.getsize(path) for path in args.files))
-        for path in args.files:
-            collected.read(path, progress)
+        collected = collect(args.files, args.run, bool(args.timeline or args.html), skip)
+        baseline = args.baseline and collect(args.baseline, args.baseline_run, False, skip)
     except OSError as error:
         print(f"report: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 1
-    progress.end()
-    if args.run is not None and not collected.runs and collected.run_ids:
-        runs = ", ".join(sorted(str(run_id) for run_id in collected.run_ids))
-        print(f"report: no run {args.run} in {', '.join(args.files)}. Its runs: {runs}", file=sys.stderr)
-        return 1
+    for files, wanted, found in ((args.files, args.run, collected), (args.baseline, args.baseline_run, baseline)):
+        if wanted is not None and not found.runs and found.run_ids:
+            runs = ", ".join(sorted(str(run_id) for run_id in found.run_ids))
+            print(f"report: no run {wanted} in {', '.join(files)}. Its runs: {runs}", file=sys.stderr)
+            return 1
     if args.timeline:
         write_timeline(args.timeline, collected.runs.items())
-    report = summarize(args.files, collected)
+    percentiles = dict(sorted({**{f"p{p}": p for p in PERCENTILES},
+                               **{c.metric: Fraction(c.metric[1:]) for c in checks if c.metric[0] == "p"}}.items(),
+                              key=lambda item: item[1]))
+    report = summarize(args.files, collected, percentiles)
+    report["skip"] = {"first": args.skip_first, "last": args.skip_last} if any(skip) else None
+    if baseline:
+        baseline_runs = [(run_id, run) for run_id, run in baseline.runs.items() if run.response_times]
+        if len(baseline_runs) != 1:
+            names = ", ".join(str(run_id) for run_id, _ in baseline_runs)
+            print(f"report: --baseline {' '.join(args.baseline)} holds " + (
+                f"{len(baseline_runs)} runs with requests ({names}): choose one with --baseline-run RUN_ID"
+                if baseline_runs else "no requests"), file=sys.stderr)
+            return 2
+        baseline = summarize_run(*baseline_runs[0], percentiles)
+        report["baseline"] = {"files": args.baseline, "run_id": baseline["run_id"]}
+    for run in report["runs"]:
+        if run["total"] is None:
+            continue  # resource samples only, as before a test starts: nothing to check or compare
+        for check in checks:
+            if check.scope not in (None, "each") and check.rows(run) is None:
+                print(f"report: --check {check.rule!r}: run {run['run_id']} has no requests named {check.scope!r}; "
+                      f"its names: {', '.join(row_name(row) for row in run['names'])}", file=sys.stderr)
+                return 2
+        run["checks"] = check_run(run, checks, baseline)
+        run["comparison"] = compare(run, baseline) if baseline else None
+    report.update(rules=args.check, require_complete=args.require_complete)
+    report["passed"], report["decision"] = decide(report)
     if args.html:
         write_html(args.html, report, collected.runs)
+    if args.junit:
+        write_junit(args.junit, report)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as out:
+            out.write(markdown(report))
     if args.json:
         print(json.dumps({**report, "timeline": args.timeline, "html": args.html}))
     else:
         print_report(report, args.run)
-        for what, path in (("Timeline", args.timeline), ("HTML report", args.html)):
+        for what, path in (("Timeline", args.timeline), ("HTML report", args.html), ("JUnit XML", args.junit),
+                           ("Markdown", args.markdown)):
             if path:
                 print(f"{what}: {path}")
-    return 1 if args.require_complete and not report["complete"] else 0
+        if checks or args.require_complete:
+            print(report["decision"])
+    return 0 if report["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import duckdb
+import junitparser
+import markdown
 import psutil
 import pytest
 import zmq
@@ -43,15 +45,25 @@ RUN_TIME = 3  # seconds of load per Locust run
 
 # --- the HTTP target --------------------------------------------------------------------------
 
+# "/wait/N" waits N ms plus 0.0, 0.2, ... 9.8 ms in a shuffled order, one step per request of that path: 50
+# requests of one path wait the same times in any run, so two runs of the same code differ only by their noise.
+WAITS = random.Random(20).sample([step / 5 for step in range(50)], 50)
+waited = Counter()
+
+
 class Target(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as a real server would
     disable_nagle_algorithm = True  # headers and body are two writes: without it, each response waits ~40 ms
 
     def do_GET(self):
-        # "/": 200; "/slow": 200 after 20 ms; "/status/201": 201, and so on; anything else: 404
-        status = int(self.path[8:]) if self.path.startswith("/status/") else 200 if self.path in ("/", "/slow") else 404
+        # "/": 200; "/slow": 200 after 20 ms; "/status/201": 201, and so on; "/wait/N": 200, see WAITS; else 404
+        status = int(self.path[8:]) if self.path.startswith("/status/") else 200 if self.path in ("/", "/slow") or (
+            self.path.startswith("/wait/")) else 404
         if self.path == "/slow":
             time.sleep(0.02)
+        elif self.path.startswith("/wait/"):
+            waited[self.path] += 1  # one user at a time asks each path: no two threads count at once
+            time.sleep((int(self.path[6:]) + WAITS[waited[self.path] % len(WAITS)]) / 1000)
         body = b"hello" if status < 400 else b"not found"
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
@@ -1574,7 +1586,7 @@ def test_past_its_capacity_the_sink_slows_down_and_no_record_is_sent_twice(tmp_p
     sink = sinks(settings=without_accelerators)
     simulated = simulated_load_generators(tag, sink.address, count=100, rate=400, seconds=30,
                                           settings={"ZMQ_SINK_FLUSH_TIMEOUT": "120"})
-    process, peak_rss, behind_lines = psutil.Process(sink.proc.pid), 0, 0
+    process, peak_rss = psutil.Process(sink.proc.pid), 0
     throttled_until = time.monotonic() + 30
     while time.monotonic() < throttled_until:
         sink.proc.send_signal(signal.SIGSTOP)
@@ -2225,12 +2237,16 @@ def test_the_html_report_opens_offline_in_a_real_browser(tmp_path, without_accel
     lines += [record_line("10:00:06", RUN_A, end(seqs[w] + 1), worker=w, seq=seqs[w] + 1) for w in ("w1", "w2")]
     collected, page = tmp_path / "collected.jsonl", tmp_path / "report.html"
     collected.write_text("\n".join(lines) + "\n")
-    assert f"HTML report: {page}" in run_report(collected, "--html", page).stdout
+    assert f"HTML report: {page}" in run_report(collected, "--html", page, "--check", "requests > 10", "--check",
+                                                "max < 50", expect_code=1).stdout
     net_log = tmp_path / "net_log.json"
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--log-net-log={net_log}",
                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60).stdout
     assert dom.count('class="main-svg"') >= 6, "3 charts drawn by plotly, two layers each"
-    assert "Complete: all 50 records of 2 processes." in dom
+    # The verdict first, then completeness, then the checks, the failed one first.
+    verdict = "FAIL: 1 of 2 checks failed: max &lt; 50 (Aggregated: 51.00 ms)."
+    assert dom.index(verdict) < dom.index("Complete: all 50 records of 2 processes.") < dom.index(
+        "max &lt; 50</td>") < dom.index("requests &gt; 10</td>")
     assert dom.count('data-unformatted="all requests"') == 2, "two charts with a menu of names"
     assert all(dom.count(f">{html.escape(name)}</td>") == 1 + (name == "/fail") for name in names)
     assert "<b>bold</b>" not in dom and "LocustBadStatusCode(code=500)" in dom
@@ -2261,3 +2277,256 @@ def test_progress_shows_on_a_terminal_only_while_reading_takes_more_than_a_secon
     size = collected.stat().st_size / 1e6
     assert re.fullmatch(rb"(\rreport: read \d+ of %d MB, [\d,]+ records/s)+\r?\n" % round(size), shown), shown
     assert run_report(collected).stderr == ""  # not a terminal: nothing
+
+
+# --- the report decides: checks, a window, a baseline ------------------------------------------
+
+SHOP_LOCUSTFILE = """
+    import os
+    import gevent
+    import locustfile
+    from locust import FastHttpUser, task
+    from locust.exception import StopUser
+
+    ITEMS = f"/wait/{os.environ['ITEMS_WAIT_MS']}"  # 0 ms more in a baseline run, 20 ms more in a slower one
+
+    class Shop(FastHttpUser):
+        @task
+        def fifty_rounds(self):  # one path per name: each name waits the target's 50 steps, once each
+            for _ in range(50):
+                self.client.get(ITEMS, name="/items")
+                self.client.get("/wait/0", name="/cart")
+                self.client.get("/wait/30", name="/slow")
+                with self.client.get("/wait/1", name="/pay", catch_response=True) as response:
+                    response.failure("declined")
+            gevent.spawn(self.environment.runner.quit)  # not from this greenlet, which quitting stops
+            raise StopUser()
+"""
+
+
+@pytest.fixture(scope="module")
+def shop_runs(tmp_path_factory, target):
+    """Three runs of one user, 50 rounds each: a baseline, the same code again, then /items 20 ms slower."""
+    mark, folder = uuid.uuid4().hex, tmp_path_factory.mktemp("shop")
+    locustfile = write_locustfile(folder / "shop.py", SHOP_LOCUSTFILE)
+    files = {}
+    for run, items_wait in (("baseline", 0), ("again", 0), ("slower", 20)):
+        files[run] = folder / f"{run}.jsonl"
+        result = subprocess.run(locust_command(target, "--headless", "-u", "1", "-r", "1", "-t", "60s",
+                                               locustfile=locustfile),
+                                cwd=folder, env=environment(mark, LOCUST_LOG_FILE=str(files[run]),
+                                                            ITEMS_WAIT_MS=str(items_wait)),
+                                capture_output=True, text=True, timeout=90)
+        assert result.returncode == 0, result.stderr
+    assert not tagged_processes(mark)
+    return files
+
+
+def checks_of(report):
+    """{(rule, name): verdict} of a report's only run."""
+    [run] = report["runs"]
+    return {(check["rule"], check["name"]): check["verdict"] for check in run["checks"]}
+
+
+def test_checks_pass_and_fail_per_name_on_a_real_run(tmp_path, shop_runs):
+    run = shop_runs["baseline"]
+    names = ["GET /cart", "GET /items", "GET /pay", "GET /slow"]
+    passing = ["p95 < 300", "GET /slow: p50 > 30ms", "/slow: p99.9 < 2s", "each: p99 < 500", "GET /cart: failures = 0",
+               "failures < 30%", "GET /pay: failures = 100%", "rps > 5", "requests >= 200", "max < 2s"]
+    failing = {"GET /slow: p95 < 30": ["GET /slow"], "each: p50 < 25": ["GET /slow"], "failures < 1%": ["Aggregated"],
+               "rps > 100000": ["Aggregated"], "GET /pay: failures = 0": ["GET /pay"]}
+    junit, summary = tmp_path / "checks.xml", tmp_path / "checks.md"
+    report = report_json(run, *(f"--check={rule}" for rule in passing + list(failing)), "--require-complete",
+                         "--junit", junit, "--markdown", summary, expect_code=1)
+    def rows(rule):  # what a rule checks: the total, every name, or the one it names (with or without its type)
+        scope = rule.split(": ")[0] if ": " in rule else None
+        return ["Aggregated"] if scope is None else names if scope == "each" else [
+            name for name in names if scope in (name, name[4:])]
+    expected = {(rule, name): "fail" if name in failing.get(rule, ()) else "pass"
+                for rule in passing + list(failing) for name in rows(rule)}
+    assert checks_of(report) == expected and len(expected) == 21
+    # The measured values are the report's exact ones: nearest rank over the raw values.
+    slow = [r["message"]["response_time"] for r in requests_of(read_records(run)) if r["message"]["name"] == "/slow"]
+    [p95] = [c["measured"] for c in report["runs"][0]["checks"] if c["rule"] == "GET /slow: p95 < 30"]
+    assert len(slow) == 50 and p95 == nearest_rank(slow, 95) > 30
+    assert report["passed"] is False
+    # Passing rules alone, also with --require-complete, exit 0; the last line says why.
+    result = run_report(run, *(f"--check={rule}" for rule in passing), "--require-complete")
+    assert result.stdout.splitlines()[-1] == "PASS: all 13 checks passed; every record is there."
+    assert run_report(run, "--check", "GET /nowhere: p95 < 300", expect_code=2).stderr == (
+        f"report: --check 'GET /nowhere: p95 < 300': run {report['runs'][0]['run_id']} has no requests named "
+        f"'GET /nowhere'; its names: {', '.join(names)}\n")
+
+    # The JUnit file as a JUnit reader reads it: one suite for the run, a case per check and row, and one for
+    # completeness; each failure says what was measured and the threshold.
+    [suite] = junitparser.JUnitXml.fromfile(str(junit))
+    assert suite.name == f"run {report['runs'][0]['run_id']}"
+    cases = {case.name: case for case in suite}
+    assert set(cases) == {f"{rule} [{name}]" for rule, name in expected} | {"every record is there"}
+    assert (suite.tests, suite.failures) == (len(cases), 5)
+    failures = {name: case.result[0].message for name, case in cases.items() if case.result}
+    assert set(failures) == {f"{rule} [{name}]" for (rule, name), verdict in expected.items() if verdict == "fail"}
+    assert re.fullmatch(r"GET /slow: p95 [\d.]+ ms \(95% interval [\d.]+–… ms\), threshold < 30\.00 ms",
+                        failures["GET /slow: p95 < 30 [GET /slow]"])
+    assert failures["failures < 1% [Aggregated]"] == "Aggregated: failures 25.00%, threshold < 1.00%"
+    # The Markdown as a Markdown library renders it: the verdict, then the checks, failures first, and the names.
+    page = markdown.markdown(summary.read_text(), extensions=["tables"])
+    tables = html_tables(page)
+    assert page.startswith("<h2>FAIL: 5 of 21 checks failed")
+    assert [row[-1].split(",")[0] for row in tables[0][1:]] == ["FAIL"] * 5 + ["pass"] * 16
+    assert [row[1] for row in tables[1][1:]] == ["/cart", "/items", "/pay", "/slow", "Aggregated"]
+
+
+def html_tables(page):
+    """Each <table> of a page as rows of cell texts, the header row first."""
+    return [[[html.unescape(re.sub("<[^>]+>", "", cell)) for cell in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)]
+             for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)] for table in re.findall(r"<table>(.*?)</table>",
+                                                                                             page, re.S)]
+
+
+def test_a_baseline_flags_exactly_the_slower_name_and_the_same_code_stays_within_the_noise(shop_runs):
+    def comparison(run, *args, expect_code=0):
+        report = report_json(shop_runs[run], "--baseline", shop_runs["baseline"], *args, expect_code=expect_code)
+        return report, {row["name"]: row for row in report["runs"][0]["comparison"]}
+
+    _, same = comparison("again")
+    for name, row in same.items():
+        assert row["changed"] == [] and all(row["metrics"][p]["within_noise"] for p in ("p50", "p95", "p99")), row
+    report, slower = comparison("slower", "--check", "each: p95 < baseline + 10%", expect_code=1)
+    assert {name for name, row in slower.items() if row["changed"] and name != "Aggregated"} == {"GET /items"}
+    assert "p50" in slower["GET /items"]["changed"]  # p95 and p99 of 50 values: intervals open above
+    assert slower["GET /items"]["metrics"]["p50"]["change"] > 100  # 20 ms on about 5 ms
+    assert {check["name"]: check["verdict"] for check in report["runs"][0]["checks"]} == {
+        "GET /cart": "pass", "GET /items": "fail", "GET /pay": "pass", "GET /slow": "pass"}
+    check = next(c for c in report["runs"][0]["checks"] if c["name"] == "GET /items")
+    base_p95 = nearest_rank([r["message"]["response_time"] for r in requests_of(read_records(shop_runs["baseline"]))
+                             if r["message"]["name"] == "/items"], 95)
+    assert check["threshold"] == pytest.approx(base_p95 * 1.1)
+    # A baseline of two runs must say which; then it is that run.
+    both = [shop_runs["baseline"], shop_runs["again"]]
+    result = run_report(shop_runs["slower"], "--baseline", *both, expect_code=2)
+    run_ids = [the_run_id(read_records(path)) for path in both]
+    assert result.stderr == (f"report: --baseline {' '.join(map(str, both))} holds 2 runs with requests "
+                             f"({', '.join(run_ids)}): choose one with --baseline-run RUN_ID\n")
+    chosen = report_json(shop_runs["slower"], "--baseline", *both, "--baseline-run", run_ids[0])
+    assert chosen["baseline"]["run_id"] == run_ids[0]
+    assert chosen["runs"][0]["comparison"] == report["runs"][0]["comparison"]
+    text = run_report(shop_runs["slower"], "--baseline", shop_runs["baseline"]).stdout
+    assert re.search(r"^ +change .* beyond the noise: p50", text, re.M)
+
+
+def test_a_window_leaves_out_each_runs_first_and_last_seconds_exactly(tmp_path):
+    # Run A: a request every 250 ms from 10:00:00.000 to 10:00:09.750, taking 1, 2, ... 40 ms; run B: one a second.
+    lines, seq = [], 0
+    for i in range(40):
+        seq += 1
+        second, millisecond = divmod(i * 250, 1000)
+        name = "/a" if i % 2 else "/b|<b>"  # a name that would be Markdown if it were not escaped
+        lines.append(record_line(f"10:00:0{second}", RUN_A, request("GET", name, i + 1.0), millisecond=millisecond,
+                                 seq=seq))
+    for second, cpu in ((1, 99.0), (5, 50.0)):
+        seq += 1
+        lines.append(record_line(f"10:00:0{second}", RUN_A, {"class": "resources", "cpu_percent": cpu,
+                                                              "rss_bytes": 1e7, "user_count": 1}, seq=seq))
+    for second in range(5):
+        seq += 1
+        lines.append(record_line(f"11:00:0{second}", RUN_B, request("GET", "/a", 100.0 + second), millisecond=0,
+                                 seq=seq))
+    lines.append(record_line("11:00:05", RUN_B, end(seq + 1), seq=seq + 1))
+    collected, timeline, summary = tmp_path / "collected.jsonl", tmp_path / "timeline.csv", tmp_path / "summary.md"
+    collected.write_text("\n".join(lines) + "\n")
+    window = ["--skip-first", "2s", "--skip-last", "1500ms"]
+
+    report = report_json(collected, *window, "--require-complete", "--check", "requests = 26", "--check", "p50 = 21",
+                         "--timeline", timeline, "--markdown", summary, expect_code=1)  # run B fails them
+    assert report["complete"] and not report["passed"] and report["lines"]["outside_window"] == 14 + 1 + 4
+    run_a, run_b = report["runs"]
+    # Kept: the requests that ended from 10:00:02.000 to 10:00:08.250, both included: i = 8 ... 33, 9 ... 34 ms.
+    assert run_a["window"] == {"from": "2026-11-28T10:00:02.000Z", "to": "2026-11-28T10:00:08.250Z",
+                               "run_first_end": "2026-11-28T10:00:00.000Z",
+                               "run_last_end": "2026-11-28T10:00:09.750Z", "requests_outside": 14}
+    total = run_a["total"]
+    assert [total[key] for key in ("requests", "p50", "p90", "p95", "p99", "max")] == [26, 21, 32, 33, 34, 34]
+    assert {row["name"]: row["requests"] for row in run_a["names"]} == {"/a": 13, "/b|<b>": 13}
+    assert [w["peak_cpu_percent"] for w in run_a["workers"]] == [50.0], "the sample at 10:00:01 is outside"
+    assert run_b["window"]["requests_outside"] == 4 and run_b["total"]["requests"] == 1 and run_b["total"]["max"] == 102
+    assert [c["verdict"] for c in run_a["checks"]] == ["pass", "pass"]
+    assert [c["verdict"] for c in run_b["checks"]] == ["fail", "fail"]  # 1 request, of 102 ms
+    rows = [row for row in csv.DictReader(timeline.open()) if row["run_id"] == RUN_A]
+    assert [row["second"][11:19] for row in rows] == [f"10:00:0{n}" for n in range(2, 9)]
+    assert sum(int(row["requests"]) for row in rows) == 26
+    # The Markdown, rendered: the window is said, and the name with | and <b> stays one cell of text.
+    page = markdown.markdown(summary.read_text(), extensions=["tables"])
+    assert "Window: requests that ended from 2026-11-28T10:00:02.000Z to 2026-11-28T10:00:08.250Z" in page
+    names_table = html_tables(page)[1]
+    assert all(len(row) == 10 for row in names_table) and names_table[2][:3] == ["GET", "/b|<b>", "13"]
+    text = run_report(collected, *window, "--require-complete").stdout
+    assert "Complete: all 48 records of 1 process." in text and "records outside the window 19" in text
+    assert ("Window: requests that ended from 2026-11-28T10:00:02.000Z to 2026-11-28T10:00:08.250Z, of the run's, "
+            "which ended from 2026-11-28T10:00:00.000Z to 2026-11-28T10:00:09.750Z; 14 left out") in text
+
+
+def test_a_percentiles_95_percent_interval_holds_the_true_one_in_at_least_95_percent_of_samples(tmp_path):
+    # Hand-checkable ranks: of 1..10, the median lies between the 2nd and 9th values (each binomial tail 11/1024);
+    # the 90th percentile above the 7th (a tail of 0.013), with no upper bound from 10 values (0.9^10 = 0.35 is
+    # more than 0.025). Of 1..100, the median's classic ranks 40 and 61.
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(record_line("10:00:00", RUN_A, request("GET", "/ten", float(v))) + "\n"
+                             for v in random.sample(range(1, 11), 10))
+                     + "".join(record_line("11:00:00", RUN_B, request("GET", "/hundred", float(v))) + "\n"
+                               for v in random.sample(range(1, 101), 100)))
+    ten, hundred = (run["names"][0]["intervals"] for run in report_json(small, "--check", "p99.9 > 0")["runs"])
+    assert ten == {"p50": [2, 9], "p90": [7, None], "p95": [8, None], "p99": [9, None], "p99.9": [10, None]}
+    assert hundred == {"p50": [40, 61], "p90": [84, 96], "p95": [90, 100], "p99": [97, None], "p99.9": [99, None]}
+
+    # Coverage: 2000 random samples of 10 to 100 values, each its own run of one file, from an exponential
+    # distribution (mean 10 ms), half of them rounded up to whole ms (ties); the true percentiles are known.
+    rng, samples = random.Random(7), tmp_path / "samples.jsonl"
+    truth = {}
+    with samples.open("w") as out:
+        for r in range(2000):
+            run_id, whole_ms = f"sample-{r}", r % 2
+            truth[run_id] = {p: (math.ceil if whole_ms else float)(-10 * math.log(1 - p / 100))
+                             for p in (50, 90, 95, 99)}
+            for _ in range((10, 30, 60, 100)[r // 2 % 4]):
+                value = rng.expovariate(0.1)
+                out.write(record_line("10:00:00", run_id, request("GET", "/", float(math.ceil(value)) if whole_ms
+                                                                  else value), millisecond=0) + "\n")
+    held = Counter()
+    for run in report_json(samples)["runs"]:
+        for p, true in truth[run["run_id"]].items():
+            low, high = run["names"][0]["intervals"][f"p{p}"]
+            held[p] += (low is None or low <= true) and (high is None or true <= high)
+    assert all(held[p] / 2000 >= 0.95 for p in (50, 90, 95, 99)), held
+
+
+BAD_COMMANDS = {
+    ("--check", "p95 << 300"): "--check 'p95 << 300': bad value '< 300': expected a number (ms, s, % where they "
+                               "fit) or baseline, baseline + N%, baseline - N%",
+    ("--check", "p95 < 300 parsecs"): "--check 'p95 < 300 parsecs': bad value '300 parsecs': expected a number (ms, "
+                                      "s, % where they fit) or baseline, baseline + N%, baseline - N%",
+    ("--check", "latency < 300"): "--check 'latency < 300': unknown metric 'latency': expected requests, failures, "
+                                  "rps, max or a percentile (p50, p95, p99.9, ...)",
+    ("--check", "p100 < 300"): "--check 'p100 < 300': unknown metric 'p100': expected requests, failures, rps, max "
+                               "or a percentile (p50, p95, p99.9, ...)",
+    ("--check", "p95 < 5%"): "--check 'p95 < 5%': p95 takes a bare number or ms or s, not %",
+    ("--check", "rps > 5ms"): "--check 'rps > 5ms': rps takes a bare number, not ms",
+    ("--check", "failures < 2s"): "--check 'failures < 2s': failures takes a bare number or %, not s",
+    ("--check", "each p95 < 300"): "--check 'each p95 < 300': expected [NAME:] METRIC OP VALUE, as 'p95 < 300ms' or "
+                                   "'each: failures < 1%'",
+    ("--check", ""): "--check '': expected [NAME:] METRIC OP VALUE, as 'p95 < 300ms' or 'each: failures < 1%'",
+    ("--check", "p95 < baseline + 10"): "--check 'p95 < baseline + 10': bad value 'baseline + 10': expected a number "
+                                        "(ms, s, % where they fit) or baseline, baseline + N%, baseline - N%",
+    ("--check", "p95 < baseline + 10%"): "--check 'p95 < baseline + 10%': refers to a baseline: give its files with "
+                                         "--baseline FILE...",
+    ("--skip-first", "ten"): "--skip-first 'ten': expected a duration, as 30s, 500ms or 2m",
+    ("--skip-last=-5s",): "--skip-last '-5s': expected a duration, as 30s, 500ms or 2m",
+    ("--baseline-run", "R"): "--baseline-run: names a run of the baseline: give its files with --baseline FILE...",
+}
+
+
+@pytest.mark.parametrize("args", BAD_COMMANDS, ids=[" ".join(args) for args in BAD_COMMANDS])
+def test_every_bad_rule_is_one_line_and_exit_2_before_any_reading(tmp_path, args):
+    # The file does not exist: reading it would exit 1 with "cannot read".
+    result = run_report(tmp_path / "not-read.jsonl", *args, expect_code=2)
+    assert (result.stdout, result.stderr) == ("", f"report: {BAD_COMMANDS[args]}\n")
