@@ -2467,18 +2467,6 @@ def test_a_window_leaves_out_each_runs_first_and_last_seconds_exactly(tmp_path):
 
 
 def test_a_percentiles_95_percent_interval_holds_the_true_one_in_at_least_95_percent_of_samples(tmp_path):
-    # Hand-checkable ranks: of 1..10, the median lies between the 2nd and 9th values (each binomial tail 11/1024);
-    # the 90th percentile above the 7th (a tail of 0.013), with no upper bound from 10 values (0.9^10 = 0.35 is
-    # more than 0.025). Of 1..100, the median's classic ranks 40 and 61.
-    small = tmp_path / "small.jsonl"
-    small.write_text("".join(record_line("10:00:00", RUN_A, request("GET", "/ten", float(v))) + "\n"
-                             for v in random.sample(range(1, 11), 10))
-                     + "".join(record_line("11:00:00", RUN_B, request("GET", "/hundred", float(v))) + "\n"
-                               for v in random.sample(range(1, 101), 100)))
-    ten, hundred = (run["names"][0]["intervals"] for run in report_json(small, "--check", "p99.9 > 0")["runs"])
-    assert ten == {"p50": [2, 9], "p90": [7, None], "p95": [8, None], "p99": [9, None], "p99.9": [10, None]}
-    assert hundred == {"p50": [40, 61], "p90": [84, 96], "p95": [90, 100], "p99": [97, None], "p99.9": [99, None]}
-
     # Coverage: 2000 random samples of 10 to 100 values, each its own run of one file, from an exponential
     # distribution (mean 10 ms), half of them rounded up to whole ms (ties); the true percentiles are known.
     rng, samples = random.Random(7), tmp_path / "samples.jsonl"
@@ -2498,6 +2486,18 @@ def test_a_percentiles_95_percent_interval_holds_the_true_one_in_at_least_95_per
             low, high = run["names"][0]["intervals"][f"p{p}"]
             held[p] += (low is None or low <= true) and (high is None or true <= high)
     assert all(held[p] / 2000 >= 0.95 for p in (50, 90, 95, 99)), held
+
+    # Hand-checkable ranks: of 1..10, the median lies between the 2nd and 9th values (each binomial tail 11/1024);
+    # the 90th percentile above the 7th (a tail of 0.013), with no upper bound from 10 values (0.9^10 = 0.35 is
+    # more than 0.025). Of 1..100, the median's classic ranks 40 and 61.
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(record_line("10:00:00", RUN_A, request("GET", "/ten", float(v))) + "\n"
+                             for v in random.sample(range(1, 11), 10))
+                     + "".join(record_line("11:00:00", RUN_B, request("GET", "/hundred", float(v))) + "\n"
+                               for v in random.sample(range(1, 101), 100)))
+    ten, hundred = (run["names"][0]["intervals"] for run in report_json(small, "--check", "p99.9 > 0")["runs"])
+    assert ten == {"p50": [2, 9], "p90": [7, None], "p95": [8, None], "p99": [9, None], "p99.9": [10, None]}
+    assert hundred == {"p50": [40, 61], "p90": [84, 96], "p95": [90, 100], "p99": [97, None], "p99.9": [99, None]}
 
 
 BAD_COMMANDS = {
