@@ -1,7 +1,7 @@
 """
 Benchmark: what logging every request costs a Locust process, and how fast one sink writes.
 
-    python bench.py                 # about 22 minutes on a 2-core machine; --rounds N for more repeats
+    python bench.py                 # about 30 minutes on a 2-core machine; --rounds N for more repeats
 
 Everything runs on 127.0.0.1 and is started and stopped here:
 
@@ -15,12 +15,14 @@ Everything runs on 127.0.0.1 and is started and stopped here:
    100 times the request rate of one saturated Locust process from part 1.
 3. Memory. The sink's RSS while it writes; a Locust process's RSS while its sink is down and its queue fills.
 4. Report. `report.py --timeline` on a collected file of 2 million records: time and peak RSS, with and
-   without simdjson, merging the file with itself (every record twice), and with --html; --html over one
-   hour of 50 names, and how long headless Chromium (if installed) takes to open that page.
+   without simdjson, merging the file with itself (every record twice), with --html, and deciding (a window,
+   three checks, then also the file itself as its baseline); --html over one hour of 50 names, and how long
+   headless Chromium (if installed) takes to open that page.
 5. Restart. A sink started on that file: the time to its first acknowledgement, without and with its index.
 6. Many load generators: 50, 200 and 1000 of the locustfile's own push handlers against one sink on one core.
 
     python bench.py --start-and-scale   # only parts 5 and 6
+    python bench.py --against COMMIT --rounds 0 --sink-rounds 6   # one sink and the plain report, old and new
 """
 
 import argparse
@@ -440,13 +442,17 @@ def write_collected(path, records, names=5, seconds=None):
             out.write(json.dumps(record, separators=(",", ":")) + "\n")
 
 
-def report_run(files, env, records=REPORT_RECORDS, html=None):
+DECIDING = ["--skip-first", "30s", "--skip-last", "10s", "--check", "each: p99 < 10s", "--check", "failures < 20%",
+            "--check", "rps > 100"]  # rules the bench file passes
+
+
+def report_run(files, env, records=REPORT_RECORDS, html=None, extra=()):
     """Seconds and peak RSS of one `report.py --timeline --require-complete` over the files, with --html if
-    given a page to write."""
+    given a page to write, and any extra arguments."""
     started = time.monotonic()
     report = subprocess.Popen([sys.executable, str(REPO / "report.py"), *map(str, files), "--require-complete",
                                "--timeline", str(files[0].with_suffix(".csv")),
-                               *(["--html", str(html)] if html else [])],
+                               *(["--html", str(html)] if html else []), *extra],
                               stdout=subprocess.PIPE, text=True, env=env, preexec_fn=on_core(MEASURED_CORE))
     output = report.stdout.read()
     _, status, usage = os.wait4(report.pid, 0)  # wait4, for the peak RSS of this process alone
@@ -454,7 +460,7 @@ def report_run(files, env, records=REPORT_RECORDS, html=None):
     samples = len(range(0, records, 375))
     expected = (f"request records {records - samples}, resource samples {samples}, other records 8, "
                 f"duplicates merged {(len(files) - 1) * (records + 8)},")
-    assert report.returncode == 0 and expected in output, output
+    assert report.returncode == 0 and (expected in output if not extra else "\nPASS: all " in output), output
     return {"seconds": time.monotonic() - started, "max_rss": usage.ru_maxrss * 1024}
 
 
@@ -546,9 +552,9 @@ def main():
                         help="Locust runs, each measuring every variant in turns (default 5)")
     parser.add_argument("--sink-rounds", type=int, default=3, help="runs of the sink and of the bare loop (default 3)")
     parser.add_argument("--start-and-scale", action="store_true", help="only parts 5 and 6 (about 4 minutes)")
-    parser.add_argument("--against", metavar="COMMIT", help="only part 1 (--rounds runs) and part 2's sink "
-                                                            "acknowledging (--sink-rounds runs), for this code and "
-                                                            "COMMIT's in turns")
+    parser.add_argument("--against", metavar="COMMIT", help="only part 1 (--rounds runs, 0 for none), and part 2's "
+                                                            "sink acknowledging and part 4's plain report "
+                                                            "(--sink-rounds runs), for this code and COMMIT's in turns")
     args = parser.parse_args()
     if args.against:
         return against(args.against, args.rounds, args.sink_rounds)
@@ -598,6 +604,11 @@ def main():
             page, hour, hour_page = workdir / "report.html", workdir / "hour.jsonl", workdir / "hour.html"
             reports["with simdjson, --html"] = [report_run([collected], os.environ, html=page)
                                                 for _ in range(args.sink_rounds)]
+            reports["with simdjson, a window and 3 checks, reading twice"] = [
+                report_run([collected], os.environ, extra=DECIDING) for _ in range(args.sink_rounds)]
+            reports["with simdjson, a window, 3 checks and the file itself as --baseline"] = [
+                report_run([collected], os.environ, extra=[*DECIDING, "--baseline", str(collected)])
+                for _ in range(args.sink_rounds)]
             write_collected(hour, HOUR_RECORDS, names=50, seconds=3600)
             hour_runs = [report_run([hour], os.environ, records=HOUR_RECORDS, html=hour_page)
                          for _ in range(args.sink_rounds)]
@@ -696,29 +707,36 @@ def against(commit, rounds, sink_rounds):
             workdir = Path(tmp)
             subprocess.run(["git", "-C", str(here), "worktree", "add", "-q", "--detach", str(workdir / "old"), commit],
                            check=True)
+            collected = workdir / "collected.jsonl"
+            write_collected(collected, REPORT_RECORDS)
             for n in range(max(rounds, sink_rounds)):
                 for label, repo in ((commit, workdir / "old"), ("this code", here)):
-                    globals()["REPO"] = repo  # hook_cost and sink_run start the locustfile and sink.py from there
-                    cycles, sinks = results.setdefault(label, ([], []))
+                    globals()["REPO"] = repo  # the locustfile, sink.py and report.py start from there
+                    cycles, sinks, reports = results.setdefault(label, ([], [], []))
                     if n < rounds:
                         cycles += hook_cost(workdir, f"http://127.0.0.1:{port}", 1)
                     if n < sink_rounds:
                         sinks.append(sink_run(workdir, os.environ))
+                        reports.append(report_run([collected], os.environ)["seconds"])
     finally:
         globals()["REPO"] = here
         subprocess.run(["git", "-C", str(here), "worktree", "prune"], check=False)
         target.kill()
         target.wait()
     print(platform_line())
-    for label, (cycles, sinks) in results.items():
-        ratios = [c["this project"][0] / c["this project"][1] / (c["no hooks"][0] / c["no hooks"][1]) for c in cycles]
-        low, _, high = statistics.quantiles(ratios, n=4)
+    for label, (cycles, sinks, reports) in results.items():
+        if cycles:
+            ratios = [c["this project"][0] / c["this project"][1] / (c["no hooks"][0] / c["no hooks"][1])
+                      for c in cycles]
+            low, _, high = statistics.quantiles(ratios, n=4)
+            print(f"{label}: hooks {statistics.median(ratios):.3f}× ({low:.3f}–{high:.3f}, {len(ratios)} cycles)")
         rates = [s["records"] / s["seconds"] for s in sinks]
         cpu = statistics.median(s["cpu"] / s["records"] * 1e6 for s in sinks)
-        print(f"{label}: hooks {statistics.median(ratios):.3f}× ({low:.3f}–{high:.3f}, {len(ratios)} cycles); "
-              f"one sink acknowledging {statistics.median(rates):,.0f} records/s (runs: "
+        print(f"{label}: one sink acknowledging {statistics.median(rates):,.0f} records/s (runs: "
               f"{', '.join(f'{r:,.0f}' for r in rates)}), {cpu:.2f} µs of CPU a record; every record acknowledged: "
-              f"{all(s['acknowledged'] == s['records'] == s['parsed'] for s in sinks)}")
+              f"{all(s['acknowledged'] == s['records'] == s['parsed'] for s in sinks)}; the plain report "
+              f"(--timeline --require-complete) over {REPORT_RECORDS:,} records: {statistics.median(reports):.1f} s "
+              f"(runs: {', '.join(f'{r:.1f}' for r in reports)})")
 
 
 def print_start_and_scale(starts, indexed, scale):

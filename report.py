@@ -605,8 +605,9 @@ def check_row(check):
 
 def print_comparison(comparison, baseline):
     """This run, the baseline and the change, three lines per name."""
-    print(f"Against the baseline ({', '.join(baseline['files'])}, run {baseline['run_id']}): change in %, of the "
-          "failure rate in points; ~ marks a change within the noise of the two runs (their 95% intervals overlap)")
+    print(f"Against the baseline ({', '.join(baseline['files'])}, run {baseline['run_id']}): percentiles with their "
+          "95% intervals; change in %, of the failure rate in points; ~ marks a change within the noise of the two "
+          "runs (their intervals overlap)")
     print_table(["name", "", "requests", "failures", "req/s", "p50", "p95", "p99", "max", ""],
                 comparison_rows(comparison))
     print()
@@ -616,8 +617,10 @@ def comparison_rows(comparison):
     rows = []
     for row in comparison:
         metrics = [(row["metrics"][metric], unit) for metric, unit in COMPARED.items()]
-        rows.append([row["name"], "this run", *(shown(m["this"], unit) for m, unit in metrics), ""])
-        rows.append(["", "baseline", *(shown(m["baseline"], unit) for m, unit in metrics), ""])
+        for side, (label, key) in enumerate((("this run", "this"), ("baseline", "baseline"))):
+            rows.append([row["name"] if not side else "", label, *(shown(m[key], unit) + (
+                f" ({shown_interval(m['intervals'][side])})" if m.get("intervals") and m["intervals"][side] else "")
+                for m, unit in metrics), ""])
         rows.append(["", "change", *(("~" if m.get("within_noise") else "") + (
             "-" if m["change"] is None else f"{m['change']:+.1f}" + (" pt" if unit == "%" else "%"))
             for m, unit in metrics),
