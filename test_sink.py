@@ -45,7 +45,7 @@ RUN_TIME = 3  # seconds of load per Locust run
 
 # --- the HTTP target --------------------------------------------------------------------------
 
-# "/wait/N" waits N ms plus 0.0, 0.2, ... 9.8 ms in a shuffled order, one step per request of that path: 50
+# "/wait/N/RUN" waits N ms plus 0.0, 0.2, ... 9.8 ms in a shuffled order, one step per request of that path: 50
 # requests of one path wait the same times in any run, so two runs of the same code differ only by their noise.
 WAITS = random.Random(20).sample([step / 5 for step in range(50)], 50)
 waited = Counter()
@@ -56,14 +56,14 @@ class Target(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body are two writes: without it, each response waits ~40 ms
 
     def do_GET(self):
-        # "/": 200; "/slow": 200 after 20 ms; "/status/201": 201, and so on; "/wait/N": 200, see WAITS; else 404
+        # "/": 200; "/slow": 200 after 20 ms; "/status/201": 201, and so on; "/wait/N/RUN": 200, see WAITS; else 404
         status = int(self.path[8:]) if self.path.startswith("/status/") else 200 if self.path in ("/", "/slow") or (
             self.path.startswith("/wait/")) else 404
         if self.path == "/slow":
             time.sleep(0.02)
         elif self.path.startswith("/wait/"):
             waited[self.path] += 1  # one user at a time asks each path: no two threads count at once
-            time.sleep((int(self.path[6:]) + WAITS[waited[self.path] % len(WAITS)]) / 1000)
+            time.sleep((int(self.path.split("/")[2]) + WAITS[waited[self.path] % len(WAITS)]) / 1000)
         body = b"hello" if status < 400 else b"not found"
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
@@ -2260,6 +2260,8 @@ def test_progress_shows_on_a_terminal_only_while_reading_takes_more_than_a_secon
     collected = tmp_path / "collected.jsonl"
     line = record_line("10:00:00", RUN_A, request("GET", "/", 1.5), millisecond=0, seq=999_999).replace("999999", "%d")
     collected.write_text("".join(line % seq + "\n" for seq in range(1, 400_001)))  # ~2 s to read
+    on_a_pipe = subprocess.Popen([sys.executable, str(REPO / "report.py"), str(collected)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)  # meanwhile, on the other core
     main, terminal = os.openpty()
     try:
         report = subprocess.run([sys.executable, str(REPO / "report.py"), str(collected)], stdout=subprocess.DEVNULL,
@@ -2276,7 +2278,7 @@ def test_progress_shows_on_a_terminal_only_while_reading_takes_more_than_a_secon
     assert report.returncode == 0
     size = collected.stat().st_size / 1e6
     assert re.fullmatch(rb"(\rreport: read \d+ of %d MB, [\d,]+ records/s)+\r?\n" % round(size), shown), shown
-    assert run_report(collected).stderr == ""  # not a terminal: nothing
+    assert on_a_pipe.communicate(timeout=120) == (None, b"") and on_a_pipe.returncode == 0  # not a terminal: nothing
 
 
 # --- the report decides: checks, a window, a baseline ------------------------------------------
@@ -2288,16 +2290,17 @@ SHOP_LOCUSTFILE = """
     from locust import FastHttpUser, task
     from locust.exception import StopUser
 
-    ITEMS = f"/wait/{os.environ['ITEMS_WAIT_MS']}"  # 0 ms more in a baseline run, 20 ms more in a slower one
+    RUN = os.environ["SHOP_RUN"]  # runs at once, each its own paths
+    ITEMS = f"/wait/{os.environ['ITEMS_WAIT_MS']}/{RUN}"  # 0 ms more in a baseline run, 20 ms more in a slower one
 
     class Shop(FastHttpUser):
         @task
-        def fifty_rounds(self):  # one path per name: each name waits the target's 50 steps, once each
+        def fifty_rounds(self):  # one path per name and run: each waits the target's 50 steps, once each
             for _ in range(50):
                 self.client.get(ITEMS, name="/items")
-                self.client.get("/wait/0", name="/cart")
-                self.client.get("/wait/30", name="/slow")
-                with self.client.get("/wait/1", name="/pay", catch_response=True) as response:
+                self.client.get(f"/wait/0/{RUN}", name="/cart")
+                self.client.get(f"/wait/30/{RUN}", name="/slow")
+                with self.client.get(f"/wait/1/{RUN}", name="/pay", catch_response=True) as response:
                     response.failure("declined")
             gevent.spawn(self.environment.runner.quit)  # not from this greenlet, which quitting stops
             raise StopUser()
@@ -2306,18 +2309,25 @@ SHOP_LOCUSTFILE = """
 
 @pytest.fixture(scope="module")
 def shop_runs(tmp_path_factory, target):
-    """Three runs of one user, 50 rounds each: a baseline, the same code again, then /items 20 ms slower."""
+    """Three runs of one user, 50 rounds each, at once: a baseline, the same code again, /items 20 ms slower."""
     mark, folder = uuid.uuid4().hex, tmp_path_factory.mktemp("shop")
     locustfile = write_locustfile(folder / "shop.py", SHOP_LOCUSTFILE)
-    files = {}
+    files, runs = {}, []
     for run, items_wait in (("baseline", 0), ("again", 0), ("slower", 20)):
         files[run] = folder / f"{run}.jsonl"
-        result = subprocess.run(locust_command(target, "--headless", "-u", "1", "-r", "1", "-t", "60s",
-                                               locustfile=locustfile),
-                                cwd=folder, env=environment(mark, LOCUST_LOG_FILE=str(files[run]),
-                                                            ITEMS_WAIT_MS=str(items_wait)),
-                                capture_output=True, text=True, timeout=90)
-        assert result.returncode == 0, result.stderr
+        runs.append(subprocess.Popen(locust_command(target, "--headless", "-u", "1", "-r", "1", "-t", "60s",
+                                                    locustfile=locustfile),
+                                     cwd=folder, env=environment(mark, LOCUST_LOG_FILE=str(files[run]), SHOP_RUN=run,
+                                                                 ITEMS_WAIT_MS=str(items_wait)),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        for locust in runs:
+            assert locust.wait(timeout=90) == 0, locust.stderr.read()
+    finally:
+        for locust in runs:
+            locust.kill()
+            locust.wait()
+            locust.stderr.close()
     assert not tagged_processes(mark)
     return files
 
