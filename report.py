@@ -645,7 +645,7 @@ def decide(report):
     if report["require_complete"]:
         findings.append("every record is there" if report["complete"] else "records are missing")
     passed = not failed and (checks or not report["rules"]) and (report["complete"] or not report["require_complete"])
-    return bool(passed), f"{'PASS' if passed else 'FAIL'}: {'; '.join(findings)}."
+    return bool(passed), f"{'PASS' if passed else 'FAIL'}: {'; '.join(findings) or 'nothing to check'}."
 
 
 def verdict(report):
