@@ -1,7 +1,7 @@
 """
 Benchmark: what logging every request costs a Locust process, and how fast one sink writes.
 
-    python bench.py                 # about 30 minutes on a 2-core machine; --rounds N for more repeats
+    python bench.py                 # about 40 minutes on a 2-core machine; --rounds N for more repeats
 
 Everything runs on 127.0.0.1 and is started and stopped here:
 
