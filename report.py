@@ -378,29 +378,30 @@ class Check:
     """One --check rule, read before the files are: a mistake in it costs no minutes of reading."""
 
     def __init__(self, rule, baseline):
+        def mistake(what):
+            return ValueError(f"--check {rule!r}: {what}")
         match = RULE.fullmatch(rule)
         if not match:
-            raise ValueError(f"--check {rule!r}: expected [NAME:] METRIC OP VALUE, as 'p95 < 300ms' or "
-                             "'each: failures < 1%'")
+            raise mistake("expected [NAME:] METRIC OP VALUE, as 'p95 < 300ms' or 'each: failures < 1%'")
         self.rule, self.scope, self.metric, self.op, value = rule, *match.group("scope", "metric", "op", "value")
         if re.fullmatch(r"p" + NUMBER, self.metric) and 0 < float(self.metric[1:]) < 100:
             self.metric = "p" + repr(float(self.metric[1:])).removesuffix(".0")  # p95.0 and p95 are one column
         elif self.metric not in UNITS:
-            raise ValueError(f"--check {rule!r}: unknown metric {self.metric!r}: expected {METRICS}")
+            raise mistake(f"unknown metric {self.metric!r}: expected {METRICS}")
         relative, absolute = RELATIVE.fullmatch(value), ABSOLUTE.fullmatch(value)
         if relative:
             if not baseline:
-                raise ValueError(f"--check {rule!r}: refers to a baseline: give its files with --baseline FILE...")
+                raise mistake("refers to a baseline: give its files with --baseline FILE...")
             self.threshold, self.factor = None, 1 + float(relative[1] + relative[2]) / 100 if relative[1] else 1
         elif absolute:
             unit = absolute[2]
             if unit not in UNITS.get(self.metric, UNITS["max"]):
                 units = " or ".join(u or "a bare number" for u in UNITS.get(self.metric, UNITS["max"]))
-                raise ValueError(f"--check {rule!r}: {self.metric} takes {units}, not {unit or 'a bare number'}")
+                raise mistake(f"{self.metric} takes {units}, not {unit or 'a bare number'}")
             self.threshold = float(absolute[1]) * (1000 if unit == "s" else 1)
         else:
-            raise ValueError(f"--check {rule!r}: bad value {value!r}: expected a number (ms, s, % where they fit) "
-                             "or baseline, baseline + N%, baseline - N%")
+            raise mistake(f"bad value {value!r}: expected a number (ms, s, % where they fit) or baseline, "
+                          "baseline + N%, baseline - N%")
         self.rate = self.metric == "failures" and (relative or absolute[2] == "%")  # failures as % of requests
         self.unit = "%" if self.rate else {"requests": "", "failures": "", "rps": "/s"}.get(self.metric, "ms")
 
@@ -421,8 +422,7 @@ class Check:
     def evaluate(self, row, baseline_row):
         measured, interval = self.value(row), row["intervals"].get(self.metric)
         verdict = {"rule": self.rule, "name": row_name(row), "metric": self.metric, "unit": self.unit, "op": self.op,
-                   "measured": measured,
-                   "interval": interval, "threshold": self.threshold, "threshold_interval": None}
+                   "measured": measured, "interval": interval, "threshold": self.threshold, "threshold_interval": None}
         if self.threshold is None:
             if baseline_row is None:
                 return {**verdict, "verdict": "no baseline", "within_noise": None}
