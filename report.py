@@ -639,7 +639,8 @@ def decide(report):
     elif failed:
         findings.append(f"{len(failed)} of {count(len(checks), 'check')} failed: {', '.join(failed)}")
     elif report["rules"]:
-        findings.append(f"all {count(len(checks), 'check')} passed")
+        passes = sum(check["verdict"] == "pass" for check in checks)
+        findings.append(f"{'all' if passes == len(checks) else f'{passes} of'} {count(len(checks), 'check')} passed")
     if any(check["verdict"] == "no baseline" for check in checks):
         findings.append("names the baseline lacks were not checked")
     if report["require_complete"]:
@@ -776,17 +777,17 @@ def write_timeline(path, runs):
 def write_junit(path, report):
     """One test suite per run, one test case per check, and with --require-complete one for completeness."""
     suites = ElementTree.Element("testsuites", name="report.py " + " ".join(report["files"]))
-    runs = [run for run in report["runs"] if run["total"]] or [{"run_id": "with requests", "checks": [
-        {"rule": rule, "name": "", "verdict": "fail", "message": "no run has requests to check"}
-        for rule in report["rules"]]}]
-    for run in runs:
-        suite = ElementTree.SubElement(suites, "testsuite", name=f"run {run['run_id']}")
-        cases = [(f"{check['rule']} [{check['name']}]", check["verdict"], check.get("message") or message(check))
-                 for check in run["checks"]]
+    runs = [(f"run {run['run_id']}", run["checks"]) for run in report["runs"] if run["total"]] or [
+        ("no run has requests", [{"rule": rule, "verdict": "fail", "message": "no run has requests to check"}
+                                 for rule in report["rules"]])]
+    for suite_name, checks in runs:
+        suite = ElementTree.SubElement(suites, "testsuite", name=suite_name)
+        cases = [(f"{check['rule']} [{check['name']}]" if "name" in check else check["rule"], check["verdict"],
+                  check.get("message") or message(check)) for check in checks]
         if report["require_complete"]:
             cases.append(("every record is there", "pass" if report["complete"] else "fail", verdict(report)))
         for name, outcome, text in cases:
-            case = ElementTree.SubElement(suite, "testcase", name=name, classname=f"run {run['run_id']}", time="0")
+            case = ElementTree.SubElement(suite, "testcase", name=name, classname=suite_name, time="0")
             if outcome != "pass":
                 ElementTree.SubElement(case, "failure" if outcome == "fail" else "skipped", message=text).text = text
         suite.set("tests", str(len(cases)))

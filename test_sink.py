@@ -2183,6 +2183,8 @@ def test_report_of_an_empty_file_an_unknown_run_or_a_missing_file(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     tables, output = report(empty)
+    assert run_report(empty, "--check", "p95 < 300", expect_code=1).stdout.endswith(
+        "\nFAIL: no run has requests to check.\n"), "no requests pass no check"
     assert tables == {}
     assert "INCOMPLETE: no records of any process" in output
     assert "No request records and no resource samples: nothing more to report" in output
@@ -2394,7 +2396,7 @@ def html_tables(page):
                                                                                              page, re.S)]
 
 
-def test_a_baseline_flags_exactly_the_slower_name_and_the_same_code_stays_within_the_noise(shop_runs):
+def test_a_baseline_flags_exactly_the_slower_name_and_the_same_code_stays_within_the_noise(tmp_path, shop_runs):
     def comparison(run, *args, expect_code=0):
         report = report_json(shop_runs[run], "--baseline", shop_runs["baseline"], *args, expect_code=expect_code)
         return report, {row["name"]: row for row in report["runs"][0]["comparison"]}
@@ -2423,6 +2425,16 @@ def test_a_baseline_flags_exactly_the_slower_name_and_the_same_code_stays_within
     assert chosen["runs"][0]["comparison"] == report["runs"][0]["comparison"]
     text = run_report(shop_runs["slower"], "--baseline", shop_runs["baseline"]).stdout
     assert re.search(r"^ +change .* beyond the noise: p50", text, re.M)
+    # A name the baseline lacks is not checked against it: not a failure, a skipped case for JUnit.
+    without_pay, junit = tmp_path / "without-pay.jsonl", tmp_path / "checks.xml"
+    without_pay.write_text("".join(line for line in shop_runs["baseline"].open() if '"name":"/pay"' not in line))
+    text = run_report(shop_runs["slower"], "--baseline", without_pay, "--check", "each: p50 < baseline + 1000%",
+                      "--junit", junit).stdout
+    assert text.splitlines()[-1] == "PASS: 3 of 4 checks passed; names the baseline lacks were not checked."
+    [suite] = junitparser.JUnitXml.fromfile(str(junit))
+    assert (suite.tests, suite.failures, suite.skipped) == (4, 0, 1)
+    [skipped] = [case.result[0] for case in suite if case.result]
+    assert isinstance(skipped, junitparser.Skipped) and skipped.message == "the baseline has no requests named GET /pay"
 
 
 def test_a_window_leaves_out_each_runs_first_and_last_seconds_exactly(tmp_path):
