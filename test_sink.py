@@ -1050,6 +1050,49 @@ BIG_RECORDS_LOCUSTFILE = """
 """
 
 
+WIDE_RECORDS_LOCUSTFILE = """
+    import locustfile  # the hooks register themselves on import
+    from locust import FastHttpUser, constant, task
+
+    class WideRecordUser(FastHttpUser):
+        wait_time = constant(0)
+
+        @task
+        def wide(self):
+            self.client.get("/", name="/" + "x" * 5000)  # 210 such records are over the sink's 1 MiB a frame
+"""
+
+
+def test_records_of_kilobytes_go_in_frames_the_sink_accepts(tmp_path, tag, target, sinks):
+    # A frame holds up to 1000 records, and the sink drops a connection that sends over 1 MiB in a message:
+    # without the handler's cap on a frame's bytes, a second of these records would never be acknowledged.
+    sink = sinks()
+    code, stderr, stats = run_locust(tmp_path, tag, target, settings={"ZMQ_SINK_ADDRESS": sink.address},
+                                     locustfile=write_locustfile(tmp_path / "wide.py", WIDE_RECORDS_LOCUSTFILE))
+    assert code == 0, stderr
+    sink.stop()
+    assert len(requests_of(read_records(sink.log_file))) == locust_total(stats) > 1000
+    assert re.search(r"all \d+ records acknowledged, 0 sent again", stderr), stderr
+
+
+def test_a_sink_that_never_acknowledges_gets_each_frame_again_ever_more_rarely(tag):
+    # The resend timeout doubles at each expiry, so a slow sink is not flooded with copies: over 8 s without an
+    # acknowledgement, the frames sent again are those of the expiries after 1, 2 + 1 and 4 + 3 s, not one a second.
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with zmq.Context() as context, context.socket(zmq.PULL) as pull:
+        pull.bind(address)
+        simulated = simulated_load_generators(tag, address, count=1, rate=100, seconds=8, processes=1,
+                                              settings={"ZMQ_SINK_FLUSH_TIMEOUT": "0.1"})
+        frames, deadline = Counter(), time.monotonic() + 8
+        while time.monotonic() < deadline:
+            if pull.poll(100):
+                frames[pull.recv_multipart()[0]] += 1
+        totals = finish_simulated(simulated)
+    again = sum(frames.values()) - len(frames)
+    assert totals["acked"] == 0 and len(frames) >= 6, (frames, totals)
+    assert 2 <= again <= 3, frames
+
+
 def test_stalled_sink_does_not_slow_the_run(tmp_path, tag, target):
     # A sink that accepts the connection and never reads: ZeroMQ and TCP buffers fill, then our queue.
     context = zmq.Context()
