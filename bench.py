@@ -697,8 +697,8 @@ def start_and_scale(workdir, collected, rounds):
 
 
 def against(commit, rounds, sink_rounds):
-    """What the hooks cost and how fast one sink writes, measured for this code and for `commit`'s (checked out
-    into a scratch folder) in turns, so that the VM's drift falls on both alike."""
+    """What the hooks cost, how fast one sink writes and how long the plain report takes, measured for this code
+    and for `commit`'s (checked out into a scratch folder) in turns, so that the VM's drift falls on both alike."""
     port = free_port()
     target = subprocess.Popen([sys.executable, __file__, "serve", str(port)], preexec_fn=on_core(HELPER_CORE))
     here, results = REPO, {}

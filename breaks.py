@@ -227,7 +227,7 @@ BREAKS = [
      [('            return run["names"]\n', '            return run["names"][:1]\n')],
      "test_checks_pass_and_fail_per_name_on_a_real_run"),
     ("a rule names a name as the tables write it, with or without its type", "report.py",
-     [("""self.scope in (row["name"], f"{row['request_type']} {row['name']}")""", 'self.scope == row["name"]')],
+     [('self.scope in (row["name"], row_name(row))', 'self.scope == row["name"]')],
      "test_checks_pass_and_fail_per_name_on_a_real_run"),
     ("a threshold in s is a thousand ms", "report.py",
      [('* (1000 if unit == "s" else 1)', "* 1")],

@@ -99,7 +99,7 @@ def rank_interval(n, percent, confidence=0.95):
     return lower, None
 
 
-def interval(ordered, percent):
+def percentile_interval(ordered, percent):
     """The 95% confidence interval of a percentile of these sorted values, [low, high]; None for an open side."""
     return [None if rank is None else ordered[rank - 1] for rank in rank_interval(len(ordered), percent)]
 
@@ -308,7 +308,7 @@ def collect(paths, only_run, over_time, skip):
     windows = {}
     if any(skip):
         whole = collect(paths, only_run, False, (0, 0))
-        windows = {run_id: window(run, *skip) for run_id, run in whole.runs.items() if run.first_end}
+        windows = {run_id: window_of(run, *skip) for run_id, run in whole.runs.items() if run.first_end}
     collected = Collected(only_run, over_time, windows)
     progress = Progress(sum(os.path.getsize(path) for path in paths))
     for path in paths:
@@ -317,7 +317,7 @@ def collect(paths, only_run, over_time, skip):
     return collected
 
 
-def window(run, skip_first, skip_last):
+def window_of(run, skip_first, skip_last):
     """The `time`s of the requests a run's window keeps, both ends included: from skip_first ms after its
     first request ended to skip_last ms before its last one did; then when those two ended."""
     first, last = (int(epoch(when[:19])) * 1000 + int(when[20:23]) for when in (run.first_end, run.last_end))
@@ -411,13 +411,16 @@ class Check:
         return row["requests_per_second" if self.metric == "rps" else self.metric]
 
     def rows(self, run):
-        """The rows of a run this rule checks; None if it names a name the run does not hold."""
+        """The rows of a run this rule checks; ValueError if it names a name the run does not hold."""
         if self.scope is None:
             return [run["total"]]
         if self.scope == "each":
             return run["names"]
-        return [row for row in run["names"] if self.scope in (row["name"], f"{row['request_type']} {row['name']}")
-                ] or None
+        rows = [row for row in run["names"] if self.scope in (row["name"], row_name(row))]
+        if not rows:
+            raise ValueError(f"--check {self.rule!r}: run {run['run_id']} has no requests named {self.scope!r}; its "
+                             f"names: {', '.join(row_name(row) for row in run['names'])}")
+        return rows
 
     def evaluate(self, row, baseline_row):
         measured, interval = self.value(row), row["intervals"].get(self.metric)
@@ -543,7 +546,7 @@ def request_stats(ordered, failures, span, percentiles):
     return {"requests": len(ordered), "failures": failures,
             "requests_per_second": len(ordered) / span if span else None,
             **{key: percentile(ordered, p) for key, p in percentiles.items()}, "max": ordered[-1],
-            "intervals": {key: interval(ordered, p) for key, p in percentiles.items()}}
+            "intervals": {key: percentile_interval(ordered, p) for key, p in percentiles.items()}}
 
 
 def print_report(report, only_run):
@@ -626,6 +629,11 @@ def comparison_rows(comparison):
             for m, unit in metrics),
             "beyond the noise: " + ", ".join(row["changed"]) if row["changed"] else ""])
     return rows
+
+
+def decides(report):
+    """Whether the report has a verdict beyond completeness to give: rules to check, or --require-complete."""
+    return bool(report["rules"] or report["require_complete"])
 
 
 def decide(report):
@@ -808,7 +816,7 @@ def message(check):
 
 def markdown(report):
     """The verdict, each run's checks (failed first) and its table per name."""
-    decided = bool(report["rules"] or report["require_complete"])
+    decided = decides(report)
     out = [f"## {md(report['decision'] if decided else verdict(report))}", *(["", md(verdict(report))] * decided)]
     for run in report["runs"]:
         if not run["total"]:
@@ -855,7 +863,7 @@ def write_html(path, report, runs):
     needs no network."""
     import plotly.io  # main() made sure it is there
     kinds = ("request", "sample", "outside_window", "other", "duplicate", "skipped", "unreadable")
-    decided = bool(report["rules"] or report["require_complete"])
+    decided = decides(report)
     page = [f"<p class='verdict {'complete' if report['passed'] else 'incomplete'}'>"
             f"{html.escape(report['decision'])}</p>" if decided else "",
             f"<p class='{'' if decided else 'verdict '}{'complete' if report['complete'] else 'incomplete'}'>"
@@ -1029,12 +1037,11 @@ def main():
     for run in report["runs"]:
         if run["total"] is None:
             continue  # resource samples only, as before a test starts: nothing to check or compare
-        for check in checks:
-            if check.scope not in (None, "each") and check.rows(run) is None:
-                print(f"report: --check {check.rule!r}: run {run['run_id']} has no requests named {check.scope!r}; "
-                      f"its names: {', '.join(row_name(row) for row in run['names'])}", file=sys.stderr)
-                return 2
-        run["checks"] = check_run(run, checks, baseline)
+        try:
+            run["checks"] = check_run(run, checks, baseline)
+        except ValueError as error:  # a rule that names a name the run does not hold: known only now
+            print(f"report: {error}", file=sys.stderr)
+            return 2
         run["comparison"] = compare(run, baseline) if baseline else None
     report.update(rules=args.check, require_complete=args.require_complete)
     report["passed"], report["decision"] = decide(report)
@@ -1053,7 +1060,7 @@ def main():
                            ("Markdown", args.markdown)):
             if path:
                 print(f"{what}: {path}")
-        if checks or args.require_complete:
+        if decides(report):
             print(report["decision"])
     return 0 if report["passed"] else 1
 
