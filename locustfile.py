@@ -48,10 +48,10 @@ Every process that runs users adds, every ``LOCUST_RESOURCE_INTERVAL`` seconds w
 Anything else logged on ``logger`` (``logger.info("Task started")``) gives ``"message": "Task started"``.
 The last record of a process that quits cleanly, after its users have stopped, says how many it made::
 
-    {"class": "end", "records": 1234, "requests": 1200, "dropped": 0}
+    {"class": "end", "records": 1234, "requests": 1200, "dropped": 0, "role": "worker"}
 
 ``records`` counts this one too, so it equals its ``seq``; ``dropped``: records its full queue refused, or
-over 1 MiB.
+over 1 MiB; ``role``: ``master``, ``worker`` or ``local`` (a run in one process).
 Everything above ``class WebsiteUser`` can be copied into another locustfile as it is; it needs Locust
 and pyzmq, and uses orjson, if installed, to encode ~10 times faster.
 """
@@ -67,6 +67,7 @@ import socket
 import struct
 import sys
 import time
+import types
 from collections import deque
 from pathlib import Path
 
@@ -124,13 +125,14 @@ def sink_addresses(text):
     addresses = [address.strip() for address in text.split(",") if address.strip()]
     for address in addresses:
         ack_address(address)
-    # libzmq is the judge of an address. The context is gone again before `--processes` forks.
-    with zmq.Context() as context, context.socket(zmq.PUSH) as probe:
-        for address in addresses:
-            try:
-                probe.connect(address)
-            except zmq.ZMQError as error:
-                raise ValueError(f"{address!r} is not a ZeroMQ address ({error})") from None
+        # Resolving the host opens no connection: a probe would be a client that the sink sees, and, under CURVE,
+        # refuses. "SOURCE;HOST" is libzmq's form for a connection from a given interface.
+        host = address.removeprefix("tcp://").rpartition(":")[0].rpartition(";")[2].strip("[]")
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as error:
+            raise ValueError(f"{host!r} in {address!r} is no host this machine can resolve "
+                             f"({getattr(error, 'strerror', None) or error})") from None
     return addresses
 
 
@@ -335,6 +337,8 @@ class ZmqPushHandler(LinesHandler):
     LINGER = 1.0  # seconds a record may wait for others to fill its frame
     MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 60.0  # seconds, for an acknowledgement
     HEARTBEAT_IVL, HEARTBEAT_TIMEOUT = 1000, 3000  # ms: a sink host that vanished is noticed in seconds
+    TOLD = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
     def __init__(self, addresses, worker, queue_limit, flush_timeout, curve_keys=None):
         super().__init__()
@@ -370,7 +374,9 @@ class ZmqPushHandler(LinesHandler):
                 socket_.curve_serverkey, socket_.curve_publickey, socket_.curve_secretkey = curve_keys
         # What was in flight on a connection that dropped is lost with it, and so are acknowledgements published
         # before a new acknowledgement connection's subscription reached its sink: the monitors say when to resend.
-        self.monitors = [self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED),
+        # The push connection's other events say, in the last line, why no sink acknowledged anything.
+        self.curve, self.heard = bool(curve_keys), {}  # event -> the last value it came with
+        self.monitors = [self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | self.TOLD),
                          self.acks.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)]
         for address in addresses:  # several sinks: PUSH sends each frame to one of those connected, in turn
             self.socket.connect(address)
@@ -459,9 +465,14 @@ class ZmqPushHandler(LinesHandler):
         lost = False
         for monitor in self.monitors:
             while monitor.poll(0):
-                event, endpoint = monitor.recv_multipart()
+                message, endpoint = monitor.recv_multipart()
+                event, value = struct.unpack("=HI", message[:6])  # native order; zmq.utils.monitor imports asyncio
+                if monitor is self.monitors[0]:
+                    self.heard[event] = value
+                    lost |= event == zmq.EVENT_DISCONNECTED
+                    continue
                 lost = True
-                if monitor is self.monitors[1] and struct.unpack("=H", event[:2])[0] == zmq.EVENT_DISCONNECTED:
+                if event == zmq.EVENT_DISCONNECTED:
                     sink = self.sinks.get(endpoint.decode())
                     for address in [sink] if sink else self.sinks.values():
                         self.socket.disconnect(address)
@@ -503,14 +514,29 @@ class ZmqPushHandler(LinesHandler):
             self.round_trip += (seconds - self.round_trip) / 8
 
     def why_not_acknowledged(self):
+        """What this process knows of why no sink acknowledged a record, for its last line."""
+        if self.acked:
+            return ""
         if self.sent:
-            return (": records were sent, but no sink acknowledged any (a sink.py without acknowledgements, or "
-                    "the port after its address unreachable)") if not self.acked else ""
+            return (": records were sent, but no sink acknowledged any (a sink.py without acknowledgements, or the "
+                    "port after its address unreachable)")
+        if zmq.EVENT_HANDSHAKE_FAILED_AUTH in self.heard:
+            return (": the sink refused this process's CURVE key: copy the public .key that goes with "
+                    "LOCUST_CURVE_SECRET into the sink's --curve-clients folder")
+        if self.heard.get(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL) == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return (": the sink runs without CURVE and this process with it: give the sink --curve-secret and "
+                    "--curve-clients, or unset ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET" if self.curve else
+                    ": the sink requires CURVE and this process has no keys: set ZMQ_SINK_CURVE_PUBLIC and "
+                    "LOCUST_CURVE_SECRET")
+        if zmq.EVENT_CONNECTED in self.heard:
+            return (": the CURVE handshake with the sink never completed: is ZMQ_SINK_CURVE_PUBLIC that sink's "
+                    "public key?" if self.curve else
+                    ": connections were made, but no ZeroMQ handshake completed: is a sink.py listening there, and "
+                    "does it require CURVE keys (ZMQ_SINK_CURVE_PUBLIC, LOCUST_CURVE_SECRET)?")
         if self.address == DEFAULT_SINK_ADDRESS:
             return (f": no sink was reached at {DEFAULT_SINK_ADDRESS}, the default address; start one there with "
                     "`python sink.py`, or set ZMQ_SINK_ADDRESS= (empty) to turn pushing off")
-        return (": no sink completed a handshake with this process (none running there, or it refused this "
-                "process's CURVE key, or its lack of one)")
+        return ": nothing accepted a connection there: no sink is listening, or a firewall is in the way"
 
     def close(self):
         """Wait at most flush_timeout seconds until a sink has acknowledged every record; say how many it has."""
@@ -550,6 +576,7 @@ class RequestLog:
         self.pending = []  # requests seen but not yet encoded
         self.requests = 0  # requests encoded
         self.pusher = self.writer = None
+        self.role = None
 
     def register(self, environment):
         # Called from events.init: `locust --processes N` forks after importing this file, so files and
@@ -557,6 +584,8 @@ class RequestLog:
         # A worker's id is Locust's; a local run or a master makes one the same way, never from its pid,
         # which repeats: (worker, seq) must name one record in any file, for all time.
         worker = getattr(environment.runner, "client_id", None) or f"{socket.gethostname()}_{secrets.token_hex(16)}"
+        self.role = ("master" if isinstance(environment.runner, MasterRunner) else
+                     "worker" if isinstance(environment.runner, WorkerRunner) else "local")
         self.formatter = JsonFormatter(HOSTNAME, worker)
         if LOG_FILE:
             path = Path(LOG_FILE)
@@ -644,7 +673,7 @@ class RequestLog:
         # level. Records dropped after it, or not acknowledged, are counted in the push handler's last line.
         end = self.formatter.to_json(time.time(), "INFO", {
             "class": "end", "records": self.formatter.seq + 1, "requests": self.requests,
-            "dropped": self.pusher.dropped if self.pusher else 0})
+            "dropped": self.pusher.dropped if self.pusher else 0, "role": self.role})
         for handler in self.handlers:
             handler.write_lines([end], self.formatter.seq)
         for handler in self.handlers:
@@ -688,17 +717,43 @@ request_log = RequestLog(logger)
 resource_sampler = ResourceSampler(logger, RESOURCE_INTERVAL)
 
 
-@events.init_command_line_parser.add_listener
 def add_run_id_argument(parser):
     # Not for users to set: the master fills it in at each test start, and Locust passes custom arguments
     # to the workers with their spawn messages.
     parser.add_argument("--request-log-run-id", help=argparse.SUPPRESS, include_in_web_ui=False)
 
 
-@events.init.add_listener
 def on_locust_init(environment, **kwargs):
     request_log.register(environment)
     resource_sampler.register(environment)
+
+
+def keep_own_names(names):
+    """Give every function and method defined above the module's names as they are now. A locustfile's own code
+    below this block may bind the same names (`from time import time`, as some of Locust's examples do, or a
+    `logger` of its own), and the hooks, which look names up at every call, would then call that."""
+    own = dict(names)
+
+    def rebound(function):
+        copy = types.FunctionType(function.__code__, own, function.__name__, function.__defaults__,
+                                  function.__closure__)  # the closure keeps super()'s class
+        copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = (function.__kwdefaults__, function.__qualname__,
+                                                                function.__doc__)
+        return copy
+
+    for name, value in own.items():
+        if isinstance(value, types.FunctionType) and value.__module__ == __name__:
+            own[name] = rebound(value)
+        elif isinstance(value, type) and value.__module__ == __name__:
+            for attribute, member in vars(value).items():
+                if isinstance(member, types.FunctionType):
+                    setattr(value, attribute, rebound(member))
+    names.update(own)
+
+
+keep_own_names(globals())
+events.init_command_line_parser.add_listener(add_run_id_argument)
+events.init.add_listener(on_locust_init)
 
 
 class WebsiteUser(FastHttpUser):

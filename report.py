@@ -113,6 +113,7 @@ class Process:
         self.starts, self.ends = [], []
         self.numbered = self.unnumbered = self.duplicates = 0
         self.ended = False
+        self.role = None  # from its end record: master, worker or local
 
     def first_sight(self, seq):
         """Note seq as read; False if it was read before."""
@@ -285,7 +286,7 @@ class Collected:
             return "duplicate"
         self.run_ids.add(run_id)
         if kind == "end":
-            process.ended = True
+            process.ended, process.role = True, message.get("role")
         if kind not in ("request", "resources"):
             return "other"
         if self.only_run is not None and run_id != self.only_run:
@@ -497,8 +498,8 @@ def compare(run, baseline):
 
 def summarize(files, collected, percentiles):
     processes = [{"worker": worker, "hostname": process.hostname, "records": process.numbered + process.unnumbered,
-                  "missing": process.missing(), "ended": process.ended, "duplicates": process.duplicates,
-                  "unnumbered": process.unnumbered} for worker, process in sorted(collected.processes.items())]
+                  "missing": process.missing(), "ended": process.ended, "role": process.role,
+                  "duplicates": process.duplicates, "unnumbered": process.unnumbered} for worker, process in sorted(collected.processes.items())]
     return {
         "files": files,
         "complete": bool(processes) and all(process.complete() for process in collected.processes.values()),
@@ -687,13 +688,18 @@ def print_processes(report):
     host_width = max(len("host"), *(len(p["hostname"]) for p in processes))
     print(f"{'Process':<{worker_width}} {'host':<{host_width}} {'records':>9} {'missing':>9}  ended")
     for p in processes:
-        ended = ("yes" if p["ended"] else "no: did not end cleanly, its tail is unknown") + (
+        ended = (ended_text(p) if p["ended"] else "no: did not end cleanly, its tail is unknown") + (
             f"; {p['unnumbered']} records without seq: not checkable" if p["unnumbered"] else "")
         print(f"{p['worker']:<{worker_width}} {p['hostname']:<{host_width}} {p['records']:>9} {p['missing']:>9}  "
               f"{ended}")
     if not report["complete"] and len(report["files"]) == 1:
         print("A process's own local file (LOCUST_LOG_FILE) can fill the gaps: python report.py FILE local.*.jsonl")
     print()
+
+
+def ended_text(process):
+    """"yes", and the process's part in the test: a master's only record is its end record."""
+    return f"yes ({process['role']})" if process["role"] else "yes"
 
 
 def count(n, noun):
@@ -876,7 +882,7 @@ def write_html(path, report, runs):
             + ", ".join(f"{kind} {report['lines'][kind]}" for kind in kinds
                         if report["skip"] or kind != "outside_window") + "</p>",
             html_table(["process", "host", "records", "missing", "ended"],
-                       [[p["worker"], p["hostname"], p["records"], p["missing"], "yes" if p["ended"] else "no"]
+                       [[p["worker"], p["hostname"], p["records"], p["missing"], ended_text(p) if p["ended"] else "no"]
                         for p in report["processes"]])]
     scripts = iter([True])  # plotly.js goes into the first chart only
     for summary in report["runs"]:

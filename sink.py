@@ -69,9 +69,7 @@ ACK_EVERY = 0.1  # seconds: while draining too, well inside a load generator's s
 # see refuse_waiting().
 RESERVED_DESCRIPTORS = 16
 RETRY_EVERY, STALLED_EVERY = 0.5, 5.0  # seconds: a file that refuses writes is tried again, and reported
-# Handshakes that fail before ZAP is asked. libzmq names only our own endpoint for them, not the client's.
-FAILED_HANDSHAKES = {zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "a client without CURVE keys",
-                     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "a client that encrypts to another sink's public key"}
+REFUSED_EVERY = 10.0  # seconds: a refused client tries again every 100 ms; its line is printed no oftener
 
 
 def ack_address(address):
@@ -146,6 +144,14 @@ def why_rejected(frame, lines):
         if reason is not None:
             return reason
     return None
+
+
+def is_end_record(line):
+    """True for the last record of a process, {"class": "end", ...}: its connection closes next, as news to no one."""
+    if b'"end"' not in line:
+        return False
+    message = decoder.decode(line.decode("utf-8")).get("message")
+    return isinstance(message, dict) and message.get("class") == "end"
 
 
 def record_id(line):
@@ -266,7 +272,10 @@ class Sink:
         self.out, self.name, self.acks = out, name, acks
         self.seqs = held  # {worker: Seqs} in the file
         self.acks_due = defaultdict(list)  # worker -> [b"<first seq> <count>", ...] written, not yet acknowledged
-        self.written = self.resent = self.dropped_connections = 0
+        self.written = self.resent = 0
+        # A process closes its connection after its end record, and libzmq one whose handshake it refused; any other
+        # closed connection is news.
+        self.ended, self.closes_expected, self.closed_early = set(), 0, 0
         self.rejected = Counter()
         self.first_arrival = self.last_arrival = None
         # Valid frames the file has not taken yet, as (bytes left, records, acknowledgement): while there are
@@ -277,7 +286,6 @@ class Sink:
         # Behind: a drain ended with frames still waiting. A load generator's frame then waits its turn among all
         # of theirs, about as long as the gap since the one before it.
         self.behind_since, self.last_frame_of, self.waiting, self.longest_wait = None, {}, set(), 0.0
-        self.refused = 0  # connections refused for lack of descriptors
 
     def take(self, message):
         self.last_arrival = time.monotonic()
@@ -316,7 +324,8 @@ class Sink:
             data = b"".join(lines[seq - first] + b"\n" for start, end in new for seq in range(start, end))
         records = sum(end - start for start, end in new)
         self.resent += len(lines) - records
-        self.held.append((memoryview(data), records, (worker, first, len(lines), new)))
+        ends = bool(new) and new[-1][1] == first + len(lines) and is_end_record(lines[-1])
+        self.held.append((memoryview(data), records, (worker, first, len(lines), new, ends)))
 
     def write_held(self):
         """Write the held frames in order, each in one write when the file takes it whole. On a write error
@@ -337,9 +346,12 @@ class Sink:
             self.held.popleft()
             self.written += records
             if ack is not None:  # in the file now: the load generator may forget these records
-                worker, first, count, new = ack
+                worker, first, count, new, ends = ack
                 for start, end in new:
                     self.seqs[worker].add(start, end)
+                if ends:
+                    self.ended.add(worker)
+                    self.closes_expected += 1
                 self.acks_due[worker].append(b"%d %d" % (first, count))
         if self.stalled_since is not None:
             print(f"sink: writing to {self.name} again after {time.monotonic() - self.stalled_since:.1f}s",
@@ -389,17 +401,31 @@ class Sink:
     def counts(self):
         return self.written, sum(self.rejected.values())
 
-    def summary(self):
+    def closed(self):
+        """A connection closed: news unless its process's end record, or a refused handshake, came first."""
+        if self.closes_expected:
+            self.closes_expected -= 1
+        else:
+            self.closed_early += 1
+
+    def summary(self, refused):
+        """What the sink did, and then what went wrong, if anything: a normal run names no trouble."""
         seconds = (self.last_arrival - self.first_arrival) if self.first_arrival else 0.0
         rate = self.written / seconds if seconds > 0 else 0.0
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.rejected.items()))
-        return (f"{self.written} records written in {seconds:.2f}s ({rate:.0f}/s), "
-                f"{sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else "")
-                + f", {self.resent} records sent again and already in the file, {self.dropped_connections} connections "
-                  f"closed (by their client, the network, or ZeroMQ for a frame over {MAX_FRAME_BYTES} bytes)"
-                + (f", {self.refused} connections refused for lack of descriptors" if self.refused else "")
-                + (f", {self.held_records()} records received but not written: the file refused them" if self.held
-                   else ""))
+        processes, ended = len(self.last_frame_of), len(self.ended)
+        troubles = [f"{self.closed_early} connections closed without an end record (by the network, a killed "
+                    f"process, a plain client, or ZeroMQ for a frame over {MAX_FRAME_BYTES} bytes)" if self.closed_early
+                    else "", f"{refused} connections refused (the lines above say why)" if refused else "",
+                    f"{self.held_records()} records received but not written: the file refused them" if self.held
+                    else ""]
+        return (f"{self.written} records written to {self.name} in {seconds:.2f}s ({rate:.0f}/s)"
+                + (f" from {processes} process{'es' * (processes > 1)}, " + (
+                    f"{ended} of which ended" if ended < processes else "each of which ended" if ended > 1 else
+                    "which ended") if processes else "")
+                + f"; {sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else "")
+                + f", {self.resent} records sent again and already in the file"
+                + ("; but " + ", ".join(filter(None, troubles)) if any(troubles) else ""))
 
 
 def load_curve(secret_file, clients_folder):
@@ -436,24 +462,41 @@ def why_unusable(path, error):
     return "no such file or folder" if not os.path.exists(path) else getattr(error, "strerror", None) or error
 
 
-def authenticate(zap, clients):
+def authenticate(zap, clients, refusals):
     """Answers libzmq's ZAP requests (RFC 27) for the CURVE socket: a client whose public key is in `clients`
-    is let in, any other refused; each refused address is printed once, not at every retry."""
+    is let in, any other refused, and named by its address."""
     from zmq.utils import z85
 
-    refused = set()
     try:
         while True:
             version, request_id, _domain, address, _identity, mechanism, *credentials = zap.recv_multipart()
             allowed = mechanism == b"CURVE" and z85.encode(credentials[0]) in clients
-            if not allowed and address not in refused:
-                refused.add(address)
-                print(f"sink: refused {address.decode()}: its CURVE key is not in --curve-clients", file=sys.stderr,
-                      flush=True)
+            if not allowed:
+                refusals.add(f"{address.decode()}: its CURVE key is not in --curve-clients")
             zap.send_multipart([version, request_id, b"200" if allowed else b"400",
                                 b"OK" if allowed else b"unknown key", b"", b""])
     except zmq.ContextTerminated:
         zap.close()
+
+
+class Refusals:
+    """Connections refused, counted, and printed by kind: at once, then at most every REFUSED_EVERY seconds with
+    how many came meanwhile, as a refused client tries again and again."""
+
+    def __init__(self):
+        self.count = 0
+        self.printed = {}  # what -> (when last printed, refused since)
+
+    def add(self, what):
+        self.count += 1
+        now = time.monotonic()
+        printed, since = self.printed.get(what, (-REFUSED_EVERY, 0))
+        if now - printed < REFUSED_EVERY:
+            self.printed[what] = (printed, since + 1)
+            return
+        more = f" ({since} more in the last {now - printed:.0f}s)" if since else ""
+        print(f"sink: refused {what}{more}", file=sys.stderr, flush=True)
+        self.printed[what] = (now, 0)
 
 
 def raise_descriptor_limit():
@@ -504,9 +547,9 @@ def refuse_waiting(listeners, spare):
         return refused, None
 
 
-def read_events(monitor, sink, reported):
-    """Count dropped connections; print each kind of handshake that failed before ZAP once (its client's
-    address is not known). True if a connection could not be accepted for lack of descriptors."""
+def read_events(monitor, sink, refusals, curve):
+    """Count closed connections and refused handshakes, which libzmq reports with our own address only, not the
+    client's. True if a connection could not be accepted for lack of descriptors."""
     out_of_descriptors = False
     while monitor.poll(0):
         # Frame 1: event (16 bits) and value (32), native order; zmq.utils.monitor would import asyncio, +8 MB.
@@ -515,17 +558,24 @@ def read_events(monitor, sink, reported):
             out_of_descriptors |= code in (errno.EMFILE, errno.ENFILE)
             continue
         if event == zmq.EVENT_DISCONNECTED:
-            sink.dropped_connections += 1
+            sink.closed()
             continue
-        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-            # A client without CURVE keys sees the mismatch too: whichever side sees it first closes, and when
-            # that is the client, the sink learns no more than this.
-            kind = "a client that closed its connection during the handshake, as one without CURVE keys does"
+        sink.closes_expected += 1  # a handshake failed, and libzmq closes its connection
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            refusals.count += 1  # named by the ZAP handler, which knows the client's address
+        elif code == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            refusals.add("a client without CURVE keys (its address is not known)" if curve else
+                         "a client with CURVE keys: this sink runs without CURVE (its address is not known)")
+        elif code == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+            refusals.add("a client that encrypts to another sink's public key (its address is not known)")
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            # Both sides see a mechanism mismatch: whichever sees it first closes, and when that is the client, the
+            # sink learns no more than this.
+            refusals.add("a client that closed its connection during the handshake, as one "
+                         f"{'without' if curve else 'with'} CURVE keys does (its address is not known)")
         else:
-            kind = FAILED_HANDSHAKES.get(code, f"a client whose handshake failed (ZeroMQ protocol error {code:#x})")
-        if kind not in reported:
-            reported.add(kind)
-            print(f"sink: refused {kind} (its address is not known)", file=sys.stderr, flush=True)
+            refusals.add(f"a client whose handshake failed (ZeroMQ protocol error {code:#x}; its address is not "
+                         "known)")
     return out_of_descriptors
 
 
@@ -588,13 +638,14 @@ def main():
     pull, acks = context.socket(zmq.PULL), context.socket(zmq.PUB)
     pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     pull.setsockopt(zmq.RCVHWM, RCVHWM)
+    refusals = Refusals()
     if curve:
         public, secret, clients = curve
         # Bound before the PULL socket is: libzmq lets every CURVE client in while no ZAP handler is bound.
         zap = context.socket(zmq.REP)
         zap.linger = 0
         zap.bind("inproc://zeromq.zap.01")
-        threading.Thread(target=authenticate, args=(zap, clients), daemon=True).start()
+        threading.Thread(target=authenticate, args=(zap, clients, Refusals()), daemon=True).start()
         for socket in (pull, acks):
             socket.curve_server, socket.curve_publickey, socket.curve_secretkey = True, public, secret
     try:
@@ -620,10 +671,9 @@ def main():
 
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
-    events = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED
-    monitors = [pull.get_monitor_socket(events | (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL if curve else 0)),
-                acks.get_monitor_socket(zmq.EVENT_ACCEPT_FAILED)]
-    reported, refused_hosts = set(), set()
+    events = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+              | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED)
+    monitors = [pull.get_monitor_socket(events), acks.get_monitor_socket(zmq.EVENT_ACCEPT_FAILED)]
     for monitor in monitors:
         poller.register(monitor, zmq.POLLIN)
     with out:
@@ -643,14 +693,10 @@ def main():
             ready = dict(poller.poll(100))
             if pull in ready:
                 sink.drain(pull, max_seconds=0.5)
-            if any([read_events(monitor, sink, reported) for monitor in monitors if monitor in ready]):
+            if any([read_events(monitor, sink, refusals, curve) for monitor in monitors if monitor in ready]):
                 refused, spare = refuse_waiting(listeners, spare)
-                sink.refused += len(refused)
-                for host, port, *_ in refused:
-                    if host not in refused_hosts:  # each load generator tries again every 100 ms
-                        refused_hosts.add(host)
-                        print(f"sink: refused {host}:{port} (and any more from {host}, counted): no descriptor "
-                              f"left, {descriptors} in all", file=sys.stderr, flush=True)
+                for host, *_ in refused:
+                    refusals.add(f"{host}: no descriptor left, {descriptors} in all")
             now = time.monotonic()
             if now - last_time >= PROGRESS_EVERY:
                 if sink.counts() != last_counts:
@@ -672,7 +718,7 @@ def main():
     pull.close(linger=0)
     acks.close(linger=1000)  # the last acknowledgements, to load generators still connected
     context.term()
-    print(f"sink: stopped by {signal.Signals(stopping[0]).name}: {sink.summary()} to {args.log_file}",
+    print(f"sink: stopped by {signal.Signals(stopping[0]).name}: {sink.summary(refusals.count)}",
           file=sys.stderr, flush=True)
 
 

@@ -4,6 +4,7 @@ target on 127.0.0.1 (200 on /, 404 elsewhere). Every test checks the data that c
 """
 
 import csv
+import dis
 import html
 import json
 import math
@@ -20,6 +21,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 import urllib.parse
 import urllib.request
 import uuid
@@ -248,12 +250,22 @@ def locust_command(target, *args, locustfile=LOCUSTFILE):
 
 def run_locust(tmp_path, tag, target, *args, settings=None, locustfile=LOCUSTFILE, name="locust"):
     """Run Locust headless for RUN_TIME seconds; return its exit code, stderr and --json-file stats."""
-    stats = tmp_path / f"{name}-stats"
+    return finish_locust(start_locust(tmp_path, tag, target, *args, settings=settings, locustfile=locustfile,
+                                      name=name))
+
+
+def start_locust(tmp_path, tag, target, *args, settings=None, locustfile=LOCUSTFILE, name="locust"):
     command = locust_command(target, "--headless", "-u", "4", "-r", "4", "-t", f"{RUN_TIME}s",
-                             "--json-file", str(stats), *args, locustfile=locustfile)
-    result = subprocess.run(command, cwd=tmp_path, env=environment(tag, **(settings or {})),
-                            capture_output=True, text=True, timeout=90)
-    return result.returncode, result.stderr, json.loads((tmp_path / f"{name}-stats.json").read_text())
+                             "--json-file", str(tmp_path / f"{name}-stats"), *args, locustfile=locustfile)
+    locust = subprocess.Popen(command, cwd=tmp_path, env=environment(tag, **(settings or {})),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    locust.stats_file = tmp_path / f"{name}-stats.json"
+    return locust
+
+
+def finish_locust(locust):
+    _, stderr = locust.communicate(timeout=90)
+    return locust.returncode, stderr, json.loads(locust.stats_file.read_text())
 
 
 # --- reading results --------------------------------------------------------------------------
@@ -334,7 +346,9 @@ def test_processes_run_delivers_every_request_from_each_process(tmp_path, tag, t
         "ZMQ_SINK_ADDRESS": sink.address, "LOCUST_LOG_FILE": str(tmp_path / "local.jsonl"), **curve[1]})
     assert code == 0, stderr
     assert not locust_processes(tag), "a forked Locust process outlived the run"
-    sink.stop()
+    # A normal run: each process closed its connection after its end record, and the summary names no trouble.
+    assert re.search(r"\) from 3 processes, each of which ended; 0 frames rejected, 0 records sent again and already "
+                     r"in the file$", sink.stop()), sink.stderr()
     records = read_records(sink.log_file)
     assert_same_counts(records, stats)
     workers = {r["worker"] for r in requests_of(records)}
@@ -345,7 +359,11 @@ def test_processes_run_delivers_every_request_from_each_process(tmp_path, tag, t
     assert [f.name for f in local_files] == sorted(f"local.{w}.jsonl" for w in workers)
     local = [r for f in local_files + [tmp_path / "local.jsonl"] for r in read_records(f)]
     assert sorted(map(json.dumps, local)) == sorted(map(json.dumps, records))
-    assert_complete(sink.log_file, processes=3)  # the master logs its end record
+    # The master logs its end record, and the report says which process it was.
+    roles = {p["worker"]: p["role"] for p in assert_complete(sink.log_file, processes=3)["processes"]}
+    assert sorted(roles.values()) == ["master", "worker", "worker"] and roles.keys() - workers
+    master = next(worker for worker, role in roles.items() if role == "master")
+    assert re.search(rf"^{master} .* 1 +0  yes \(master\)$", report(sink.log_file)[1], re.MULTILINE)
 
 
 def start_workers(tmp_path, tag, target, master_port, sink_address, settings=None, locustfile=LOCUSTFILE,
@@ -840,31 +858,60 @@ def test_with_curve_nothing_readable_crosses_the_network(tmp_path, tag, target, 
     assert [text for text in texts if text in relay.seen] == ([] if curve[0] else texts)
 
 
-def test_a_load_generator_without_an_accepted_key_delivers_nothing_and_says_why(tmp_path, tag, target, sinks, keys):
-    sink = sinks(settings={"ZMQ_SINK_CURVE_SECRET": str(keys / "sink.key_secret"),
-                           "ZMQ_SINK_CURVE_CLIENTS": str(keys / "clients")})
-    to_sink = {"ZMQ_SINK_ADDRESS": sink.address, "ZMQ_SINK_CURVE_PUBLIC": str(keys / "sink.key"),
-               "ZMQ_SINK_FLUSH_TIMEOUT": "0.5"}
-    for name, settings in (("stranger", {**to_sink, "LOCUST_CURVE_SECRET": str(keys.parent / "stranger.key_secret")}),
-                           ("no keys", {"ZMQ_SINK_ADDRESS": sink.address, "ZMQ_SINK_FLUSH_TIMEOUT": "0.5"})):
-        code, stderr, _ = run_locust(tmp_path, tag, target, name=name.replace(" ", "-"), settings=settings)
+def test_each_side_says_exactly_why_nothing_was_acknowledged(tmp_path, tag, target, sinks, keys):
+    curve_sink = sinks(name="curve", settings={"ZMQ_SINK_CURVE_SECRET": str(keys / "sink.key_secret"),
+                                               "ZMQ_SINK_CURVE_CLIENTS": str(keys / "clients")})
+    plain_sink = sinks(name="plain")
+    public = {"ZMQ_SINK_CURVE_PUBLIC": str(keys / "sink.key")}
+    with_keys = {**public, "LOCUST_CURVE_SECRET": str(keys / "loadgen.key_secret")}
+    # A correct setup gets no line of refusal (a check of the address at import once connected without keys).
+    code, stderr, stats = run_locust(tmp_path, tag, target, name="correct",
+                                     settings={"ZMQ_SINK_ADDRESS": curve_sink.address, **with_keys})
+    assert code == 0 and re.search(r"all \d+ records acknowledged", stderr), stderr
+    wait_for(lambda: re.search(r"sink: \d+ records", curve_sink.stderr()), what="a progress line")
+    assert "refused" not in curve_sink.stderr()
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    runs = {  # name: (address, settings, what the load generator says last)
+        "keyless": (curve_sink.address, {}, "the sink requires CURVE and this process has no keys: set "
+                                            "ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET"),
+        "stranger": (curve_sink.address, {**public, "LOCUST_CURVE_SECRET": str(keys.parent / "stranger.key_secret")},
+                     "the sink refused this process's CURVE key: copy the public .key that goes with "
+                     "LOCUST_CURVE_SECRET into the sink's --curve-clients folder"),
+        "keys-to-a-plain-sink": (plain_sink.address, with_keys, "the sink runs without CURVE and this process with "
+                                 "it: give the sink --curve-secret and --curve-clients, or unset "
+                                 "ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET"),
+        "nowhere": (nowhere, {}, "nothing accepted a connection there: no sink is listening, or a firewall is in the "
+                                 "way"),
+    }
+    started = {name: start_locust(tmp_path, tag, target, name=name, settings={
+        "ZMQ_SINK_ADDRESS": address, "ZMQ_SINK_FLUSH_TIMEOUT": "0.5", **settings})
+        for name, (address, settings, _) in runs.items()}
+    for name, (address, _, why) in runs.items():
+        code, stderr, _ = finish_locust(started[name])
         assert code == 0, stderr
-        assert re.search(r"ZeroMQ sink tcp://127.0.0.1:\d+: 0 records acknowledged, 0 sent again; (\d+) not \(0 "
-                         r"dropped: a full queue of 100000, or over 1 MiB; \1 unacknowledged after 0.5s\): no sink "
-                         r"completed a handshake with this process \(none running there, or it refused this "
-                         r"process's CURVE key", stderr), stderr
-        assert not sink.log_file.read_bytes(), name
-    # Refused at every retry, 10 a second for seconds, and printed once.
-    assert sink.stderr().count("sink: refused 127.0.0.1: its CURVE key is not in --curve-clients\n") == 1
-    # The client without keys is named once: as such, or, when it saw the mismatch first and closed, as that
-    keyless = [sink.stderr().count(f"sink: refused a client {kind} (its address is not known)\n") for kind in (
-        "without CURVE keys", "that closed its connection during the handshake, as one without CURVE keys does")]
-    assert max(keyless) == 1 and sum(keyless) >= 1, keyless
-    code, stderr, stats = run_locust(tmp_path, tag, target, settings={
-        **to_sink, "LOCUST_CURVE_SECRET": str(keys / "loadgen.key_secret")})
-    assert code == 0, stderr
-    sink.stop()
-    assert_same_counts(read_records(sink.log_file), stats)
+        assert re.search(rf"^\[[\d :,-]+\] \S+/WARNING/locust\.request_log: ZeroMQ sink {re.escape(address)}: 0 records "
+                         rf"acknowledged, 0 sent again; (\d+) not \(0 dropped: a full queue of 100000, or over 1 MiB; "
+                         rf"\1 unacknowledged after 0\.5s\): {re.escape(why)}$", stderr, re.MULTILINE), (name, stderr)
+    curve_said, plain_said = curve_sink.stop(), plain_sink.stop()
+    assert_same_counts(read_records(curve_sink.log_file), stats)
+    assert not plain_sink.log_file.read_bytes()
+    # Each kind of refusal is named once in these seconds, though refused ten times a second: a line at most every
+    # 10 s. Without keys, the client may see the mismatch first and close: the sink then knows only that.
+    curve_lines = Counter(re.findall(r"^sink: refused .*", curve_said, re.MULTILINE))
+    plain_lines = Counter(re.findall(r"^sink: refused .*", plain_said, re.MULTILINE))
+    keyless = {"sink: refused a client without CURVE keys (its address is not known)",
+               "sink: refused a client that closed its connection during the handshake, as one without CURVE keys "
+               "does (its address is not known)"}
+    assert set(curve_lines.values()) == {1} and curve_lines.keys() & keyless, curve_said
+    assert curve_lines.keys() - keyless == {"sink: refused 127.0.0.1: its CURVE key is not in --curve-clients"}
+    assert set(plain_lines.values()) == {1} and set(plain_lines) <= {
+        "sink: refused a client with CURVE keys: this sink runs without CURVE (its address is not known)",
+        "sink: refused a client that closed its connection during the handshake, as one with CURVE keys does (its "
+        "address is not known)"} and plain_lines, plain_said
+    # A refused connection is closed, as expected: the summary counts it once, as refused.
+    for said in (curve_said, plain_said):
+        assert re.search(r"; but \d+ connections refused \(the lines above say why\)$", said), said
+    assert re.search(r"from 1 process, which ended;", curve_said), curve_said
 
 
 def test_bad_settings_and_unusable_keys_stop_either_side_at_start_with_one_line(tmp_path, tag, target, keys):
@@ -1228,6 +1275,74 @@ LIBRARY_SCRIPT = """
 """
 
 
+def test_imported_or_pasted_below_code_that_rebinds_its_names_the_block_logs_and_says_the_same(tmp_path, tag, target,
+                                                                                              sinks):
+    shutil.copy(LOCUSTFILE, tmp_path / "request_log.py")  # the README's import route
+    imported = tmp_path / "imported.py"
+    imported.write_text("from request_log import logger  # registers the request hooks\n" + OWN_USER)
+    pasted = tmp_path / "pasted.py"
+    pasted.write_text(pasted_below_code_that_rebinds_its_names())
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    runs = {name: (locustfile, sinks(name=name) if sink else None) for name, locustfile, sink in (
+        ("imported", imported, True), ("pasted", pasted, True), ("imported-alone", imported, False),
+        ("pasted-alone", pasted, False))}
+    started = {name: start_locust(tmp_path, tag, target, name=name, locustfile=locustfile, settings={
+        "ZMQ_SINK_ADDRESS": sink.address if sink else nowhere, "ZMQ_SINK_FLUSH_TIMEOUT": "0.5"})
+        for name, (locustfile, sink) in runs.items()}
+    said = {}
+    for name, (_, sink) in runs.items():
+        code, stderr, stats = finish_locust(started[name])
+        assert code == 0 and "Traceback" not in stderr, stderr
+        # The handler's lines go to Locust's log, formatted as Locust's own; the records do not.
+        said[name] = re.findall(r"^\[[\d :,-]+\] \S+/(\w+/locust\.request_log: .*)", stderr, re.MULTILINE)
+        assert "Task started" not in stderr
+        if sink:
+            sink.stop()
+            records = read_records(sink.log_file)
+            assert request_counts(records) == locust_counts(stats) and locust_total(stats) > 0
+            # A task interrupted at the end logged its line but made no request: one at most per user.
+            assert 0 <= sum(r["message"] == "Task started" for r in records) - locust_total(stats) <= 4
+            assert records[-1]["message"] == {"class": "end", "records": len(records), "requests": locust_total(stats),
+                                              "dropped": 0, "role": "local"}
+            assert said[name] == [f"INFO/locust.request_log: ZeroMQ sink {sink.address}: all {len(records)} records "
+                                  f"acknowledged, 0 sent again"], said
+    assert len(said["pasted-alone"]) == 1 and re.fullmatch(
+        rf"WARNING/locust\.request_log: ZeroMQ sink {nowhere}: 0 records acknowledged, 0 sent again; (\d+) not \(0 "
+        rf"dropped: a full queue of 100000, or over 1 MiB; \1 unacknowledged after 0\.5s\): nothing accepted a "
+        rf"connection there: no sink is listening, or a firewall is in the way", said["pasted-alone"][0]), said
+    assert [re.sub(r"\d+", "N", line) for line in said["imported-alone"]] == [
+        re.sub(r"\d+", "N", line) for line in said["pasted-alone"]]
+
+
+OWN_USER = """
+import logging as own_logging
+import locust as own_locust
+
+
+class OwnUser(own_locust.FastHttpUser):
+    wait_time = own_locust.constant(0.1)
+
+    @own_locust.task
+    def index(self):
+        own_logging.getLogger("request_log").info("Task started")
+        self.client.get("/")
+"""
+
+
+def pasted_below_code_that_rebinds_its_names():
+    """locustfile.py's block, and below it code that binds, at module level, every name the block's functions look
+    up as they run (time, json, os, logger, len, ...), as `from time import time` would; then a user of its own."""
+    block = LOCUSTFILE.read_text().split("\nclass WebsiteUser")[0]
+    names, code_objects = set(), [compile(block, "block", "exec")]
+    while code_objects:
+        code = code_objects.pop()
+        names |= {op.argval for op in dis.get_instructions(code) if op.opname == "LOAD_GLOBAL"}
+        code_objects += [const for const in code.co_consts if isinstance(const, types.CodeType)]
+    names = {name for name in names if not name.startswith("__")}
+    assert {"time", "json_encoder", "os", "socket", "math", "zmq", "gevent", "len", "isinstance"} <= names, names
+    return block + "".join(f"{name} = None\n" for name in sorted(names)) + OWN_USER
+
+
 def test_locust_used_as_a_library_writes_every_request_and_the_end_record(tmp_path, tag, target, sinks):
     sink, local_file = sinks(), tmp_path / "local.jsonl"
     script = write_locustfile(tmp_path / "use_as_lib.py", LIBRARY_SCRIPT.replace("{target}", target))
@@ -1512,9 +1627,9 @@ def test_a_plain_push_client_delivers_and_a_frame_over_the_limit_is_refused(tmp_
         wait_for(lambda: len(complete_lines(sink.log_file)) == 4, what="the frame after the refused one")
         summary = sink.stop()
     assert complete_lines(sink.log_file)[1:] == ['{"n":1}', '{"n":2}', '{"n":4}']
-    assert re.search(r"4 records written .*, 0 frames rejected, 0 records sent again and already in the file, "
-                     r"[12] connections closed \(by their client, the network, or ZeroMQ for a frame over 1048577 "
-                     r"bytes\)", summary), summary
+    assert re.search(r"4 records written .*; 0 frames rejected, 0 records sent again and already in the file; but "
+                     r"[12] connections closed without an end record \(by the network, a killed process, a plain "
+                     r"client, or ZeroMQ for a frame over 1048577 bytes\)$", summary), summary
 
 
 FLOODER = """
@@ -1702,10 +1817,9 @@ def test_a_sink_short_of_descriptors_raises_its_limit_or_names_each_connection_i
         assert result["acked"] == result["made"] and "refused" not in summary
         return
     assert "(256 descriptors, its hard limit)" in started and room < 200, started
-    refused = re.findall(r"sink: refused 127\.0\.0\.1:(\d+) \(and any more from 127\.0\.0\.1, counted\): no "
-                         r"descriptor left, 256 in all", summary)
-    assert len(refused) == 1, summary
-    assert int(re.search(r"(\d+) connections refused for lack of descriptors", summary).group(1)) > 0
+    # Named once in the 5 seconds, though refused again and again: a line at most every 10 seconds.
+    assert summary.count("sink: refused 127.0.0.1: no descriptor left, 256 in all\n") == 1, summary
+    assert int(re.search(r"(\d+) connections refused \(the lines above say why\)$", summary).group(1)) > 1
     # What got in was written once; what did not is still counted by its load generator.
     written, _ = sink_summary(summary)
     ids = NUMBERED.findall(sink.log_file.read_bytes())
@@ -1738,7 +1852,7 @@ def test_signal_while_streaming_leaves_whole_lines_and_a_summary(tmp_path, tag, 
         pusher.kill()
         pusher.wait()
     records = read_records(sink.log_file)
-    written = int(re.search(r"(\d+) records written in [\d.]+s \((\d+)/s\), 0 frames rejected", summary).group(1))
+    written = int(re.search(r"(\d+) records written to \S+ in [\d.]+s \((\d+)/s\); 0 frames rejected", summary).group(1))
     assert written == len(records) > 0
     # Frames arrive in the order each pusher sent them: the file holds a gapless prefix of the stream.
     assert [r["n"] for r in records] == list(range(len(records)))
@@ -1813,7 +1927,7 @@ def stalled_sink(sinks):
 def test_sigterm_while_stalled_says_what_it_could_not_write(tmp_path, tag, sinks):
     with stalled_sink(sinks) as sink:
         summary = sink.stop()
-    written, held = map(int, re.search(r"(\d+) records written in .*, (\d+) records received but not written: the "
+    written, held = map(int, re.search(r"(\d+) records written .*; but (\d+) records received but not written: the "
                                        r"file refused them", summary).groups())
     lines = sink.log_file.read_bytes().split(b"\n")
     # Stalled, it takes nothing more from ZeroMQ: it holds only the record whose write failed.
