@@ -368,7 +368,7 @@ def sink_run(workdir, env, cores=(MEASURED_CORE,), keys=None, numbered=True):
     for sink, out, stderr in zip(sinks, outs, stderrs):
         sink.send_signal(signal.SIGTERM)
         sink.wait()
-        records, took = re.search(r"(\d+) records written to \S+ in ([\d.]+)s", stderr.read_text()).groups()
+        records, took = re.search(r"(\d+) records written (?:to \S+ )?in ([\d.]+)s", stderr.read_text()).groups()
         written, seconds = written + int(records), max(seconds, float(took))
         with open(out, "rb") as lines:
             parsed += sum(1 for line in lines if isinstance(json.loads(line), dict))
@@ -526,8 +526,8 @@ def scale_run(workdir, generators, rate, seconds=30, processes=4):
     summary = sink.communicate()[1].splitlines()[-1]
     out.unlink()
     Path(f"{out}.index").unlink(missing_ok=True)
-    written, took, again = map(float, re.search(r"(\d+) records written to \S+ in ([\d.]+)s .* (\d+) records sent again",
-                                                summary).groups())
+    written, took, again = map(float, re.search(
+        r"(\d+) records written (?:to \S+ )?in ([\d.]+)s .* (\d+) records sent again", summary).groups())
     acks = sorted(t for r in results for t in r["ack_times"])
     return {"generators": generators, "rate": rate, "made": sum(r["made"] for r in results),
             "acked": sum(r["acked"] for r in results), "written": written, "seconds": took, "again": again,

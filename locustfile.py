@@ -528,11 +528,14 @@ class ZmqPushHandler(LinesHandler):
                     "--curve-clients, or unset ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET" if self.curve else
                     ": the sink requires CURVE and this process has no keys: set ZMQ_SINK_CURVE_PUBLIC and "
                     "LOCUST_CURVE_SECRET")
+        # Both sides see a mismatch of mechanisms, and whichever sees it first closes: the other learns no more.
+        if zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL in self.heard:
+            return (": the sink closed every CURVE handshake: it runs without CURVE, or ZMQ_SINK_CURVE_PUBLIC is not "
+                    "its public key" if self.curve else
+                    ": the sink closed every handshake: it requires CURVE keys (ZMQ_SINK_CURVE_PUBLIC, "
+                    "LOCUST_CURVE_SECRET), or it is no sink")
         if zmq.EVENT_CONNECTED in self.heard:
-            return (": the CURVE handshake with the sink never completed: is ZMQ_SINK_CURVE_PUBLIC that sink's "
-                    "public key?" if self.curve else
-                    ": connections were made, but no ZeroMQ handshake completed: is a sink.py listening there, and "
-                    "does it require CURVE keys (ZMQ_SINK_CURVE_PUBLIC, LOCUST_CURVE_SECRET)?")
+            return ": connections were made, but no handshake began: is that a sink's address?"
         if self.address == DEFAULT_SINK_ADDRESS:
             return (f": no sink was reached at {DEFAULT_SINK_ADDRESS}, the default address; start one there with "
                     "`python sink.py`, or set ZMQ_SINK_ADDRESS= (empty) to turn pushing off")

@@ -499,7 +499,8 @@ def compare(run, baseline):
 def summarize(files, collected, percentiles):
     processes = [{"worker": worker, "hostname": process.hostname, "records": process.numbered + process.unnumbered,
                   "missing": process.missing(), "ended": process.ended, "role": process.role,
-                  "duplicates": process.duplicates, "unnumbered": process.unnumbered} for worker, process in sorted(collected.processes.items())]
+                  "duplicates": process.duplicates, "unnumbered": process.unnumbered}
+                 for worker, process in sorted(collected.processes.items())]
     return {
         "files": files,
         "complete": bool(processes) and all(process.complete() for process in collected.processes.values()),

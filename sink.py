@@ -462,6 +462,27 @@ def why_unusable(path, error):
     return "no such file or folder" if not os.path.exists(path) else getattr(error, "strerror", None) or error
 
 
+class Refusals:
+    """Connections refused, counted, and printed by kind: at once, then at most every `every` seconds with how
+    many came meanwhile, as a refused client tries again and again."""
+
+    def __init__(self, every=REFUSED_EVERY):
+        self.every = every
+        self.count = 0
+        self.printed = {}  # what -> (when last printed, refused since)
+
+    def add(self, what):
+        self.count += 1
+        now = time.monotonic()
+        printed, since = self.printed.get(what, (None, 0))
+        if printed is not None and now - printed < self.every:
+            self.printed[what] = (printed, since + 1)
+            return
+        more = f"; {since} more like it in the last {now - printed:.1f}s" if since else ""
+        print(f"sink: refused {what}{more}", file=sys.stderr, flush=True)
+        self.printed[what] = (now, 0)
+
+
 def authenticate(zap, clients, refusals):
     """Answers libzmq's ZAP requests (RFC 27) for the CURVE socket: a client whose public key is in `clients`
     is let in, any other refused, and named by its address."""
@@ -477,26 +498,6 @@ def authenticate(zap, clients, refusals):
                                 b"OK" if allowed else b"unknown key", b"", b""])
     except zmq.ContextTerminated:
         zap.close()
-
-
-class Refusals:
-    """Connections refused, counted, and printed by kind: at once, then at most every REFUSED_EVERY seconds with
-    how many came meanwhile, as a refused client tries again and again."""
-
-    def __init__(self):
-        self.count = 0
-        self.printed = {}  # what -> (when last printed, refused since)
-
-    def add(self, what):
-        self.count += 1
-        now = time.monotonic()
-        printed, since = self.printed.get(what, (-REFUSED_EVERY, 0))
-        if now - printed < REFUSED_EVERY:
-            self.printed[what] = (printed, since + 1)
-            return
-        more = f" ({since} more in the last {now - printed:.0f}s)" if since else ""
-        print(f"sink: refused {what}{more}", file=sys.stderr, flush=True)
-        self.printed[what] = (now, 0)
 
 
 def raise_descriptor_limit():
