@@ -122,7 +122,8 @@ BREAKS = [
      [("        if zmq.EVENT_HANDSHAKE_FAILED_AUTH in self.heard:\n", "        if False:\n")],
      "test_each_side_says_exactly_why_nothing_was_acknowledged"),
     ("the last line says which side lacks CURVE", "locustfile.py",
-     [("== zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:", "== -1:")],
+     [('"--curve-clients, or unset ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET" if self.curve else',
+       '"--curve-clients, or unset ZMQ_SINK_CURVE_PUBLIC and LOCUST_CURVE_SECRET" if not self.curve else')],
      "test_each_side_says_exactly_why_nothing_was_acknowledged"),
     ("the pasted block keeps working below code that rebinds the names it uses", "locustfile.py",
      [("\nkeep_own_names(globals())\n", "\n")],
@@ -189,7 +190,7 @@ BREAKS = [
      [('print(f"sink: rejected a frame ({reason}): {frame[:80]!r}", file=sys.stderr)', "pass")],
      "test_bad_input_is_counted_and_never_written"),
     ("the sink names each kind of refused client, at most every 10 seconds", "sink.py",
-     [("        if now - printed < REFUSED_EVERY:\n", "        if False:\n")],
+     [("        if printed is not None and now - printed < self.every:\n", "        if False:\n")],
      "test_each_side_says_exactly_why_nothing_was_acknowledged"),
     ("the sink tells a keyless client from one with keys when it runs without CURVE", "sink.py",
      [('"a client with CURVE keys: this sink runs without CURVE (its address is not known)"',
@@ -213,6 +214,13 @@ BREAKS = [
        "        self.held.append((memoryview(data), records, (worker, first, len(lines), new, ends)))"),
       ('                self.acks_due[worker].append(b"%d %d" % (first, count))\n', "")],
      "test_a_sink_acknowledges_only_what_its_file_holds"),
+    # --- the README's recipes for your own tools
+    ("the DuckDB recipe takes each record once, from the sink's file and the local ones", "README.md",
+     [("SELECT DISTINCT ON (worker, seq)\n", "SELECT\n")],
+     "test_report_of_a_real_run_matches_locust_and_the_raw_values"),
+    ("the pandas recipe's percentiles are the report's nearest ranks", "README.md",
+     [('method="inverted_cdf"))', 'method="linear"))')],
+     "test_report_of_a_real_run_matches_locust_and_the_raw_values"),
     # --- the report
     ("percentiles are the nearest rank", "report.py",
      [("return ordered[-(-len(ordered) * percent // 100) - 1]", "return ordered[len(ordered) * percent // 100]")],
@@ -294,7 +302,7 @@ BREAKS = [
 
 
 def apply(folder, path, replacements):
-    """Break the file; a break must still compile, so that its test fails on what it broke."""
+    """Break the file; a broken Python file must still compile, so that its test fails on what it broke."""
     file = folder / path
     text = file.read_text()
     for old, new in replacements:
@@ -302,7 +310,8 @@ def apply(folder, path, replacements):
             raise SystemExit(f"breaks: {path}: {old!r} occurs {text.count(old)} times, not once; update the break")
         text = text.replace(old, new)
     file.write_text(text)
-    compile(text, path, "exec")
+    if path.endswith(".py"):
+        compile(text, path, "exec")
 
 
 def main():
