@@ -414,18 +414,17 @@ class Sink:
         rate = self.written / seconds if seconds > 0 else 0.0
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.rejected.items()))
         processes, ended = len(self.last_frame_of), len(self.ended)
-        troubles = [f"{self.closed_early} connections closed without an end record (by the network, a killed "
-                    f"process, a plain client, or ZeroMQ for a frame over {MAX_FRAME_BYTES} bytes)" if self.closed_early
-                    else "", f"{refused} connections refused (the lines above say why)" if refused else "",
-                    f"{self.held_records()} records received but not written: the file refused them" if self.held
-                    else ""]
+        which_ended = f"{ended} of which" if ended < processes else "each of which" if ended > 1 else "which"
+        troubles = [text for count, text in (
+            (self.closed_early, f"{self.closed_early} connections closed without an end record (by the network, a "
+                                f"killed process, a plain client, or ZeroMQ for a frame over {MAX_FRAME_BYTES} bytes)"),
+            (refused, f"{refused} connections refused (the lines above say why)"),
+            (self.held, f"{self.held_records()} records received but not written: the file refused them")) if count]
         return (f"{self.written} records written to {self.name} in {seconds:.2f}s ({rate:.0f}/s)"
-                + (f" from {processes} process{'es' * (processes > 1)}, " + (
-                    f"{ended} of which ended" if ended < processes else "each of which ended" if ended > 1 else
-                    "which ended") if processes else "")
+                + (f" from {processes} process{'es' * (processes > 1)}, {which_ended} ended" if processes else "")
                 + f"; {sum(self.rejected.values())} frames rejected" + (f" ({reasons})" if reasons else "")
                 + f", {self.resent} records sent again and already in the file"
-                + ("; but " + ", ".join(filter(None, troubles)) if any(troubles) else ""))
+                + ("; but " + ", ".join(troubles) if troubles else ""))
 
 
 def load_curve(secret_file, clients_folder):
