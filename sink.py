@@ -563,19 +563,20 @@ def read_events(monitor, sink, refusals, curve):
         sink.closes_expected += 1  # a handshake failed, and libzmq closes its connection
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             refusals.count += 1  # named by the ZAP handler, which knows the client's address
-        elif code == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-            refusals.add("a client without CURVE keys (its address is not known)" if curve else
-                         "a client with CURVE keys: this sink runs without CURVE (its address is not known)")
+            continue
+        if code == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            kind = ("a client without CURVE keys" if curve else
+                    "a client with CURVE keys: this sink runs without CURVE")
         elif code == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
-            refusals.add("a client that encrypts to another sink's public key (its address is not known)")
+            kind = "a client that encrypts to another sink's public key"
         elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             # Both sides see a mechanism mismatch: whichever sees it first closes, and when that is the client, the
             # sink learns no more than this.
-            refusals.add("a client that closed its connection during the handshake, as one "
-                         f"{'without' if curve else 'with'} CURVE keys does (its address is not known)")
+            kind = (f"a client that closed its connection during the handshake, as one {'without' if curve else 'with'}"
+                    " CURVE keys does")
         else:
-            refusals.add(f"a client whose handshake failed (ZeroMQ protocol error {code:#x}; its address is not "
-                         "known)")
+            kind = f"a client whose handshake failed (ZeroMQ protocol error {code:#x})"
+        refusals.add(f"{kind} (its address is not known)")
     return out_of_descriptors
 
 
