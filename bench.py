@@ -235,9 +235,10 @@ def load_generators(address, count, rate, seconds, tag="sim"):
     ack_times = []
 
     class Measured(locustfile.ZmqPushHandler):
-        def _measure(self, seconds):  # every acknowledgement time the handler itself measures
-            ack_times.append(round(seconds, 4))
-            super()._measure(seconds)
+        def _read_acks(self, now):  # the time from each frame's one send to its acknowledgement, as the handler sees it
+            sent_once = [frame for frame in self.in_flight.values() if frame.tries == 1]
+            super()._read_acks(now)
+            ack_times.extend(round(now - frame.sent_at, 4) for frame in sent_once if frame.first not in self.unacked)
 
     handlers, lines = [], []
     for n in range(count):

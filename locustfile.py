@@ -316,8 +316,9 @@ class ZmqPushHandler(LinesHandler):
     waited LINGER: a process at a low rate sends few, full frames, and while the window is full the records
     gather into full frames, so the sink's cost per record falls as its load rises. Frames are sent again when
     what carried them may be lost (a connection dropped, or an acknowledgement connection was made anew), and
-    the oldest alone when it waited past a timeout that follows the acknowledgement times measured, as TCP's
-    retransmission timer does (RFC 6298): a sink that is behind gets its frames late, not twice. Every send is
+    the oldest alone when no acknowledgement came for a timeout: as TCP's one retransmission timer, it runs from
+    the last acknowledgement and doubles at each expiry, so a sink that is behind, but acknowledging, gets its
+    frames late, not twice. Every send is
     non-blocking: a plain pyzmq send that blocks would freeze every greenlet of the worker, users and
     heartbeats included. IMMEDIATE keeps ZeroMQ from accepting frames while no sink is connected, so records
     stay in our queue, where they are counted.
@@ -335,7 +336,7 @@ class ZmqPushHandler(LinesHandler):
     FRAME_BYTES = 64 << 10
     RECORD_BYTES = 1 << 20  # the sink drops a connection that sends a larger record
     LINGER = 1.0  # seconds a record may wait for others to fill its frame
-    MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 60.0  # seconds, for an acknowledgement
+    TIMEOUT, MAX_TIMEOUT = 1.0, 60.0  # seconds without an acknowledgement, before and after doubling
     HEARTBEAT_IVL, HEARTBEAT_TIMEOUT = 1000, 3000  # ms: a sink host that vanished is noticed in seconds
     TOLD = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -353,7 +354,6 @@ class ZmqPushHandler(LinesHandler):
         self.unacked = {}  # first seq -> Frame: every frame not acknowledged yet
         self.to_send = deque()  # frames to send, or send again, in order
         self.in_flight = {}  # first seq -> Frame sent and not acknowledged, in the order sent
-        self.round_trip = self.deviation = None  # seconds: acknowledgement time, smoothed, and its deviation
         # As TCP's one timer: the oldest frame in flight is sent again once it has waited the timeout since it
         # was sent or since the last acknowledgement or timeout, whichever came last; backoff doubles the timeout
         # until an acknowledgement comes. The frames behind it wait behind it, not for nothing.
@@ -481,8 +481,7 @@ class ZmqPushHandler(LinesHandler):
 
     def timeout(self):
         """Seconds the oldest frame in flight waits for its acknowledgement before it is sent again."""
-        measured = self.MIN_TIMEOUT if self.round_trip is None else self.round_trip + 4 * self.deviation
-        return min(self.MAX_TIMEOUT, max(self.MIN_TIMEOUT, measured) * self.backoff)
+        return min(self.MAX_TIMEOUT, self.TIMEOUT * self.backoff)
 
     def _read_acks(self, now):
         while True:
@@ -503,15 +502,6 @@ class ZmqPushHandler(LinesHandler):
                     self.acked += count
                     self.queued -= count
                     self.waiting_since, self.backoff = now, 1
-                    if frame.tries == 1:  # Karn: the time of a frame sent again fits either of its tries
-                        self._measure(now - frame.sent_at)
-
-    def _measure(self, seconds):
-        if self.round_trip is None:
-            self.round_trip, self.deviation = seconds, seconds / 2
-        else:
-            self.deviation += (abs(self.round_trip - seconds) - self.deviation) / 4
-            self.round_trip += (seconds - self.round_trip) / 8
 
     def why_not_acknowledged(self):
         """What this process knows of why no sink acknowledged a record, for its last line."""
