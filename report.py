@@ -104,6 +104,43 @@ def percentile_interval(ordered, percent):
     return [None if rank is None else ordered[rank - 1] for rank in rank_interval(len(ordered), percent)]
 
 
+def rate_interval(failures, requests, confidence=0.95):
+    """The 95% confidence interval of a failure rate, in percent: Clopper and Pearson's, which holds the true
+    rate with at least that probability, as the percentiles' intervals do, also near 0% (where Wilson's holds it
+    in as few as 85% of runs of 50 requests). Its ends are where the binomial tail of the failures counted is
+    (1 - confidence) / 2: beta distribution quantiles."""
+    tail = (1 - confidence) / 2
+    low = beta_quantile(failures, requests - failures + 1, tail) if failures else 0.0
+    high = 1.0 if failures == requests else beta_quantile(failures + 1, requests - failures, 1 - tail)
+    return [100 * low, 100 * high]
+
+
+def beta_quantile(a, b, probability):
+    """The x where the regularized incomplete beta function I_x(a, b) reaches probability, by bisection."""
+    low, high = 0.0, 1.0
+    while high - low > 1e-12:
+        middle = (low + high) / 2
+        low, high = (middle, high) if incomplete_beta(a, b, middle) < probability else (low, middle)
+    return (low + high) / 2
+
+
+def incomplete_beta(a, b, x):
+    """I_x(a, b), from its continued fraction (Numerical Recipes, 6.4), which converges fast below its mean."""
+    if x > (a + 1) / (a + b + 2):
+        return 1 - incomplete_beta(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    c, d, m = 1.0, 1 / (1 - (a + b) * x / (a + 1) or 1e-300), 1  # Lentz's method
+    fraction = d
+    while True:
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d, c = 1 / (1 + numerator * d or 1e-300), 1 + numerator / c or 1e-300
+            fraction *= d * c
+        if abs(d * c - 1) < 1e-14 or m > 100_000:
+            return front * fraction
+        m += 1
+
+
 class Process:
     """Which records of one process the files hold: its seqs as sorted, disjoint ranges [start, end), so
     memory grows with the gaps, not with the records; and whether its end record is there."""
@@ -385,6 +422,7 @@ class Check:
         if not match:
             raise mistake("expected [NAME:] METRIC OP VALUE, as 'p95 < 300ms' or 'each: failures < 1%'")
         self.rule, self.scope, self.metric, self.op, value = rule, *match.group("scope", "metric", "op", "value")
+        self.condition = rule[match.start("metric"):].strip()  # the rule without its name: "p95 < 300"
         if re.fullmatch(r"p" + NUMBER, self.metric) and 0 < float(self.metric[1:]) < 100:
             self.metric = "p" + repr(float(self.metric[1:])).removesuffix(".0")  # p95.0 and p95 are one column
         elif self.metric not in UNITS:
@@ -405,6 +443,7 @@ class Check:
                           "baseline + N%, baseline - N%")
         self.rate = self.metric == "failures" and (relative or absolute[2] == "%")  # failures as % of requests
         self.unit = "%" if self.rate else {"requests": "", "failures": "", "rps": "/s"}.get(self.metric, "ms")
+        self.interval = "failure_percent" if self.rate else self.metric  # its key in a row's intervals
 
     def value(self, row):
         if self.rate:
@@ -423,10 +462,13 @@ class Check:
                              f"names: {', '.join(row_name(row) for row in run['names'])}")
         return rows
 
-    def evaluate(self, row, baseline_row):
-        measured, interval = self.value(row), row["intervals"].get(self.metric)
-        verdict = {"rule": self.rule, "name": row_name(row), "metric": self.metric, "unit": self.unit, "op": self.op,
-                   "measured": measured, "interval": interval, "threshold": self.threshold, "threshold_interval": None}
+    def evaluate(self, row, baseline_row, noise):
+        """The verdict on one row. One within the noise (its 95% interval reaches across the threshold, or the
+        baseline's interval, so that it could go either way) is the measured value's, or `noise`: pass, warn, fail."""
+        measured, interval = self.value(row), row["intervals"].get(self.interval)
+        verdict = {"rule": self.rule, "condition": self.condition, "name": row_name(row), "metric": self.metric,
+                   "unit": self.unit, "op": self.op, "measured": measured, "interval": interval,
+                   "threshold": self.threshold, "threshold_interval": None}
         if self.threshold is None:
             if baseline_row is None:
                 return {**verdict, "verdict": "no baseline", "within_noise": None}
@@ -434,13 +476,13 @@ class Check:
             verdict["threshold"] = None if base is None else base * self.factor
             if interval:
                 verdict["threshold_interval"] = [None if b is None else b * self.factor
-                                                 for b in baseline_row["intervals"][self.metric]]
+                                                 for b in baseline_row["intervals"][self.interval]]
         threshold = verdict["threshold"]
         passed = None not in (measured, threshold) and OPERATORS[self.op](measured, threshold)
-        # A percentile's 95% interval that reaches across the threshold: the verdict could go either way.
-        noise = bool(interval) and threshold is not None and overlap(interval, verdict["threshold_interval"]
-                                                                      or [threshold, threshold])
-        return {**verdict, "verdict": "pass" if passed else "fail", "within_noise": noise}
+        within = bool(interval) and threshold is not None and overlap(interval, verdict["threshold_interval"]
+                                                                       or [threshold, threshold])
+        decided = noise if within and noise != "measured" else "pass" if passed else "fail"
+        return {**verdict, "verdict": decided, "within_noise": within}
 
 
 def overlap(one, other):
@@ -458,20 +500,23 @@ def rows_of(run):
     return run["names"] + ([run["total"]] if run["total"] else [])
 
 
-def check_run(run, checks, baseline):
+def check_run(run, checks, baseline, noise):
     """Each rule's verdict on each row it checks; baseline is the baseline run's summary, or None."""
     base = {row_name(row): row for row in rows_of(baseline)} if baseline else {}
-    return [check.evaluate(row, base.get(row_name(row))) for check in checks for row in check.rows(run)]
+    return [check.evaluate(row, base.get(row_name(row)), noise) for check in checks for row in check.rows(run)]
 
 
 COMPARED = {"requests": "", "failure_percent": "%", "requests_per_second": "/s", "p50": "ms", "p95": "ms",
             "p99": "ms", "max": "ms"}  # with the unit each is shown in
 
 
+NOISY = ("failure_percent", "p50", "p95", "p99")  # what has a 95% interval, compared run against run
+
+
 def compare(run, baseline):
     """Per name and in total, this run's numbers beside the baseline's, with the change: in percent, in
-    points for the failure rate. A percentile whose two 95% intervals overlap has changed within the noise of
-    the two runs; `changed` lists the percentiles that moved beyond it."""
+    points for the failure rate. A failure rate or percentile whose two 95% intervals overlap has changed
+    within the noise of the two runs; `changed` lists those that moved beyond it."""
     def rows(summary):
         return {row_name(row): {**row, "failure_percent": 100 * row["failures"] / row["requests"]}
                 for row in rows_of(summary)}
@@ -486,11 +531,11 @@ def compare(run, baseline):
             if None not in (now, before):
                 entry["change"] = now - before if metric == "failure_percent" else (
                     100 * (now - before) / before if before else None)
-            if metric in ("p50", "p95", "p99"):
+            if metric in NOISY:
                 entry["intervals"] = [a and a["intervals"][metric], b and b["intervals"][metric]]
                 entry["within_noise"] = None if None in (a, b) else overlap(*entry["intervals"])
         comparison.append({"name": name, "metrics": metrics,
-                           "changed": [m for m in ("p50", "p95", "p99") if metrics[m]["within_noise"] is False]})
+                           "changed": [m for m in NOISY if metrics[m]["within_noise"] is False]})
     return comparison
 
 
@@ -548,7 +593,8 @@ def request_stats(ordered, failures, span, percentiles):
     return {"requests": len(ordered), "failures": failures,
             "requests_per_second": len(ordered) / span if span else None,
             **{key: percentile(ordered, p) for key, p in percentiles.items()}, "max": ordered[-1],
-            "intervals": {key: percentile_interval(ordered, p) for key, p in percentiles.items()}}
+            "intervals": {**{key: percentile_interval(ordered, p) for key, p in percentiles.items()},
+                          "failure_percent": rate_interval(failures, len(ordered))}}
 
 
 def print_report(report, only_run):
@@ -592,30 +638,37 @@ def shown(value, unit):
         f"{value:.1f}/s" if unit == "/s" else f"{value:g}")
 
 
-def shown_interval(interval):
-    """A 95% interval of response times, "…" on a side that too few values leave open."""
-    return "" if not interval else "–".join("…" if end is None else f"{end:.2f}" for end in interval) + " ms"
+def shown_interval(interval, unit):
+    """A 95% interval, of response times in ms or of a failure rate in %, "…" on a side that too few values
+    leave open."""
+    return "" if not interval else "–".join("…" if end is None else f"{end:.2f}" for end in interval) + (
+        "%" if unit == "%" else " ms")
+
+
+VERDICTS = {"pass": "pass", "warn": "WARN", "fail": "FAIL", "no baseline": "no baseline: not checked"}
 
 
 def check_row(check):
-    note = {"pass": "pass", "fail": "FAIL", "no baseline": "no baseline: not checked"}[check["verdict"]]
+    note = VERDICTS[check["verdict"]]
     if check["within_noise"]:
         note += ", within the noise: the 95% interval reaches across the threshold"
     threshold = f"{check['op']} {shown(check['threshold'], check['unit'])}"
     if check["threshold_interval"]:
-        threshold += f" ({shown_interval(check['threshold_interval'])} from the baseline's interval)"
-    return [check["rule"], check["name"], shown(check["measured"], check["unit"]), shown_interval(check["interval"]),
-            threshold, note]
+        threshold += f" ({shown_interval(check['threshold_interval'], check['unit'])} from the baseline's interval)"
+    return [check["rule"], check["name"], shown(check["measured"], check["unit"]),
+            shown_interval(check["interval"], check["unit"]), threshold, note]
 
 
 def print_comparison(comparison, baseline):
     """This run, the baseline and the change, three lines per name."""
-    print(f"Against the baseline ({', '.join(baseline['files'])}, run {baseline['run_id']}): percentiles with their "
-          "95% intervals; change in %, of the failure rate in points; ~ marks a change within the noise of the two "
-          "runs (their intervals overlap)")
-    print_table(["name", "", "requests", "failures", "req/s", "p50", "p95", "p99", "max", ""],
-                comparison_rows(comparison))
+    print(f"Against the baseline ({', '.join(baseline['files'])}, run {baseline['run_id']}): {COMPARISON_KEY}")
+    print_table(COMPARISON_HEADER, comparison_rows(comparison))
     print()
+
+
+COMPARISON_KEY = ("failure rates and percentiles with their 95% intervals; change in %, of the failure rate in "
+                  "points; ~ marks a change within the noise of the two runs (their intervals overlap)")
+COMPARISON_HEADER = ["name", "", "requests", "failures", "req/s", "p50", "p95", "p99", "max", ""]
 
 
 def comparison_rows(comparison):
@@ -624,12 +677,13 @@ def comparison_rows(comparison):
         metrics = [(row["metrics"][metric], unit) for metric, unit in COMPARED.items()]
         for side, (label, key) in enumerate((("this run", "this"), ("baseline", "baseline"))):
             rows.append([row["name"] if not side else "", label, *(shown(m[key], unit) + (
-                f" ({shown_interval(m['intervals'][side])})" if m.get("intervals") and m["intervals"][side] else "")
-                for m, unit in metrics), ""])
+                f" ({shown_interval(m['intervals'][side], unit)})" if m.get("intervals") and m["intervals"][side]
+                else "") for m, unit in metrics), ""])
         rows.append(["", "change", *(("~" if m.get("within_noise") else "") + (
             "-" if m["change"] is None else f"{m['change']:+.1f}" + (" pt" if unit == "%" else "%"))
             for m, unit in metrics),
-            "beyond the noise: " + ", ".join(row["changed"]) if row["changed"] else ""])
+            "beyond the noise: " + ", ".join("failures" if m == "failure_percent" else m for m in row["changed"])
+            if row["changed"] else ""])
     return rows
 
 
@@ -638,8 +692,13 @@ def decides(report):
     return bool(report["rules"] or report["require_complete"])
 
 
+NOISE = {"measured": "decided by the measured value", "pass": "passed (--noise pass)",
+         "warn": "passed with a warning (--noise warn)", "fail": "failed (--noise fail)"}
+
+
 def decide(report):
-    """PASS or FAIL, and one line that says why: the checks and, with --require-complete, completeness."""
+    """PASS or FAIL; a headline, "FAIL: 2 of 9 checks failed"; and one line that says why: the checks and, with
+    --require-complete, completeness."""
     checks = [check for run in report["runs"] for check in run.get("checks") or ()]
     failed = [f"{check['rule']} ({check['name']}: {shown(check['measured'], check['unit'])})"
               for check in checks if check["verdict"] == "fail"]
@@ -647,16 +706,22 @@ def decide(report):
     if report["rules"] and not checks:
         findings.append("no run has requests to check")
     elif failed:
-        findings.append(f"{len(failed)} of {count(len(checks), 'check')} failed: {', '.join(failed)}")
+        findings.append(f"{len(failed)} of {count(len(checks), 'check')} failed")
     elif report["rules"]:
-        passes = sum(check["verdict"] == "pass" for check in checks)
-        findings.append(f"{'all' if passes == len(checks) else f'{passes} of'} {count(len(checks), 'check')} passed")
+        passes = sum(check["verdict"] in ("pass", "warn") for check in checks)
+        findings.append(f"{'all' if passes == len(checks) > 1 else f'{passes} of' if passes < len(checks) else ''} "
+                        f"{count(len(checks), 'check')} passed".lstrip())
+    noisy = sum(bool(check["within_noise"]) for check in checks)
+    if noisy:
+        findings.append(f"{count(noisy, 'check')} within the noise, {NOISE[report['noise']]}")
     if any(check["verdict"] == "no baseline" for check in checks):
         findings.append("names the baseline lacks were not checked")
     if report["require_complete"]:
         findings.append("every record is there" if report["complete"] else "records are missing")
     passed = not failed and (checks or not report["rules"]) and (report["complete"] or not report["require_complete"])
-    return bool(passed), f"{'PASS' if passed else 'FAIL'}: {'; '.join(findings) or 'nothing to check'}."
+    word = "PASS" if passed else "FAIL"
+    line = "; ".join([findings[0] + (f": {', '.join(failed)}" if failed else ""), *findings[1:]]) if findings else ""
+    return bool(passed), f"{word}: {findings[0]}" if findings else word, f"{word}: {line or 'nothing to check'}."
 
 
 def verdict(report):
@@ -789,26 +854,52 @@ def write_timeline(path, runs):
 
 # --- The verdict for a CI system: JUnit XML (--junit), Markdown for a summary page (--markdown) ------
 
-def write_junit(path, report):
-    """One test suite per run, one test case per check, and with --require-complete one for completeness."""
-    suites = ElementTree.Element("testsuites", name="report.py " + " ".join(report["files"]))
-    runs = [(f"run {run['run_id']}", run["checks"]) for run in report["runs"] if run["total"]] or [
-        ("no run has requests", [{"rule": rule, "verdict": "fail", "message": "no run has requests to check"}
-                                 for rule in report["rules"]])]
-    for suite_name, checks in runs:
-        suite = ElementTree.SubElement(suites, "testsuite", name=suite_name)
-        cases = [(f"{check['rule']} [{check['name']}]" if "name" in check else check["rule"], check["verdict"],
-                  check.get("message") or message(check)) for check in checks]
-        if report["require_complete"]:
-            cases.append(("every record is there", "pass" if report["complete"] else "fail", verdict(report)))
-        for name, outcome, text in cases:
-            case = ElementTree.SubElement(suite, "testcase", name=name, classname=suite_name, time="0")
-            if outcome != "pass":
+def write_junit(path, report, rules):
+    """A test suite per run that keeps its name from build to build, so that a CI system follows each case's
+    history: "report.py", or "report.py run N" where the files hold several runs, with the run's id as a
+    property. A case per check and name: its classname the name as the tables write it, its name the rule
+    without its name ("GET /" and "p95 < 500"), with the measured value, its interval and the threshold as
+    properties and in its output. With --require-complete, one case more: every record is there."""
+    runs = [run for run in report["runs"] if run["total"]]
+    suites = ElementTree.Element("testsuites", name="report.py")
+    # No run to check: every rule fails, under the names it has when there is one.
+    for number, run in enumerate(runs or [None], 1):
+        checks = run["checks"] if run else [
+            {"rule": rule.rule, "condition": rule.condition, "name": rule.scope or "Aggregated", "verdict": "fail",
+             "message": "no run has requests to check"} for rule in rules]
+        suite = ElementTree.SubElement(suites, "testsuite", name="report.py" + (f" run {number}" * (len(runs) > 1)))
+        properties = ElementTree.SubElement(suite, "properties")
+        for name, value in (("run_id", run and run["run_id"]), ("files", " ".join(report["files"])),
+                            ("noise", report["noise"])):
+            ElementTree.SubElement(properties, "property", name=name, value=str(value))
+        cases = [(check["name"], check["condition"], check["verdict"], check.get("message") or message(check),
+                  measured_properties(check)) for check in checks]
+        if report["require_complete"] and number == 1:
+            cases.append(("completeness", "every record is there", "pass" if report["complete"] else "fail",
+                          verdict(report), {}))
+        for classname, name, outcome, text, values in cases:
+            case = ElementTree.SubElement(suite, "testcase", classname=classname, name=name, time="0")
+            if values:
+                properties = ElementTree.SubElement(case, "properties")
+                for key, value in values.items():
+                    ElementTree.SubElement(properties, "property", name=key, value=str(value))
+            if outcome in ("fail", "no baseline"):
                 ElementTree.SubElement(case, "failure" if outcome == "fail" else "skipped", message=text).text = text
+            ElementTree.SubElement(case, "system-out").text = ("WARNING: " if outcome == "warn" else "") + text
         suite.set("tests", str(len(cases)))
-        suite.set("failures", str(sum(outcome == "fail" for _, outcome, _ in cases)))
-        suite.set("skipped", str(sum(outcome == "no baseline" for _, outcome, _ in cases)))
+        suite.set("failures", str(sum(outcome == "fail" for _, _, outcome, _, _ in cases)))
+        suite.set("skipped", str(sum(outcome == "no baseline" for _, _, outcome, _, _ in cases)))
     ElementTree.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def measured_properties(check):
+    """What a check measured and held it against, unrounded, for a machine to read."""
+    values = {"verdict": check["verdict"], "measured": check.get("measured"), "unit": check.get("unit"),
+              "threshold": check.get("threshold"), "op": check.get("op"), "within_noise": check.get("within_noise")}
+    for name in ("interval", "threshold_interval"):
+        for side, end in zip(("low", "high"), check.get(name) or ()):
+            values[f"{name}_{side}"] = end
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def message(check):
@@ -816,15 +907,17 @@ def message(check):
     if check["verdict"] == "no baseline":
         return f"the baseline has no requests named {check['name']}"
     return (f"{check['name']}: {check['metric']} {shown(check['measured'], check['unit'])}"
-            + (f" (95% interval {shown_interval(check['interval'])})" if check["interval"] else "")
+            + (f" (95% interval {shown_interval(check['interval'], check['unit'])})" if check["interval"] else "")
             + f", threshold {check['op']} {shown(check['threshold'], check['unit'])}"
             + (": within the noise" if check["within_noise"] else ""))
 
 
 def markdown(report):
-    """The verdict, each run's checks (failed first) and its table per name."""
+    """For a CI job's summary page: a short heading, PASS or FAIL with the count, and the line that says why;
+    then per run its checks (failed first), its comparison with the baseline, and its table per name."""
     decided = decides(report)
-    out = [f"## {md(report['decision'] if decided else verdict(report))}", *(["", md(verdict(report))] * decided)]
+    out = [f"## {md(report['headline'] if decided else verdict(report))}", "",
+           *([md(report["decision"]), ""] * decided), md(verdict(report))]
     for run in report["runs"]:
         if not run["total"]:
             continue
@@ -834,6 +927,10 @@ def markdown(report):
         if run["checks"]:
             out += md_table(["check", "name", "measured", "95% interval", "threshold", "verdict"],
                             [check_row(check) for check in failed_first(run["checks"])]) + [""]
+        if run["comparison"]:
+            baseline = report["baseline"]
+            out += [md(f"Against the baseline ({', '.join(baseline['files'])}, run {baseline['run_id']}): "
+                       f"{COMPARISON_KEY}"), "", *md_table(COMPARISON_HEADER, comparison_rows(run["comparison"])), ""]
         out += md_table(["type", "name", "requests", "failures", "req/s", *(f"p{p} ms" for p in PERCENTILES),
                          "max ms"],
                         [[row["request_type"], row["name"], str(row["requests"]), str(row["failures"]),
@@ -843,8 +940,9 @@ def markdown(report):
 
 
 def md(text):
-    """Text that no Markdown reads as markup: each character that could be, as a character reference."""
-    return re.sub(r"[\\`*_\[\]<>|~&]", lambda match: f"&#{ord(match[0])};", text)
+    """Text as itself in GitHub's Markdown: a backslash before each character there that could start markup
+    (emphasis, code, links, tables, strikethrough, an HTML tag or an entity), and only there."""
+    return re.sub(r"[\\`*_\[\]|~]|<(?=[A-Za-z/!?])|&(?=#?\w+;)", lambda match: "\\" + match[0], text)
 
 
 def md_table(header, rows):
@@ -853,7 +951,7 @@ def md_table(header, rows):
 
 
 def failed_first(checks):
-    return sorted(checks, key=lambda check: check["verdict"] != "fail")
+    return sorted(checks, key=lambda check: {"fail": 0, "warn": 1}.get(check["verdict"], 2))
 
 
 # --- The same report as one page, with charts over time (--html) -------------------------------------
@@ -910,9 +1008,8 @@ def write_html(path, report, runs):
              f"{w['peak_rss_bytes'] / 1e6:.1f}" if w["samples"] else "-"] for w in summary["workers"]]))
         if summary.get("comparison"):
             page.append(f"<h3>Against the baseline: {html.escape(', '.join(report['baseline']['files']))}, run "
-                        f"{html.escape(str(report['baseline']['run_id']))}</h3>" + html_table(
-                            ["name", "", "requests", "failures", "req/s", "p50", "p95", "p99", "max", ""],
-                            comparison_rows(summary["comparison"])))
+                        f"{html.escape(str(report['baseline']['run_id']))}</h3><p>{COMPARISON_KEY}</p>"
+                        + html_table(COMPARISON_HEADER, comparison_rows(summary["comparison"])))
         for figure in run_figures(run):
             page.append(plotly.io.to_html(figure, full_html=False, include_plotlyjs=next(scripts, False),
                                           config=CHART_CONFIG, validate=False))
@@ -987,6 +1084,9 @@ def main():
     parser.add_argument("--junit", metavar="OUT.xml", help="also write the checks as JUnit XML, for a CI system")
     parser.add_argument("--markdown", metavar="OUT.md", help="also write the verdict, checks and tables as Markdown")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object instead of tables")
+    parser.add_argument("--noise", choices=NOISE, default="measured",
+                        help="the verdict on a check within the noise, whose 95%% interval reaches across its threshold: "
+                             "its measured value's (the default), or pass, warn (pass, and say so) or fail")
     parser.add_argument("--require-complete", action="store_true",
                         help="exit 1 if a record is missing or a process did not end cleanly")
     args = parser.parse_args()
@@ -1024,6 +1124,13 @@ def main():
             runs = ", ".join(sorted(str(run_id) for run_id in found.run_ids))
             print(f"report: no run {wanted} in {', '.join(files)}. Its runs: {runs}", file=sys.stderr)
             return 1
+    lines = collected.lines
+    if not collected.processes and lines["unreadable"] + lines["skipped"]:  # a CSV, say, or another tool's JSON
+        found = [f"{lines['unreadable']} unreadable (the first: {collected.first_unreadable})"] * bool(
+            lines["unreadable"]) + [f"{lines['skipped']} JSON but not records"] * bool(lines["skipped"])
+        print(f"report: no records in {', '.join(args.files)}: of {lines.total()} lines, {', '.join(found)}; "
+              "expected the JSON lines that locustfile.py and sink.py write", file=sys.stderr)
+        return 1
     if args.timeline:
         write_timeline(args.timeline, collected.runs.items())
     percentiles = dict(sorted({**{f"p{p}": p for p in PERCENTILES},
@@ -1045,17 +1152,17 @@ def main():
         if run["total"] is None:
             continue  # resource samples only, as before a test starts: nothing to check or compare
         try:
-            run["checks"] = check_run(run, checks, baseline)
+            run["checks"] = check_run(run, checks, baseline, args.noise)
         except ValueError as error:  # a rule that names a name the run does not hold: known only now
             print(f"report: {error}", file=sys.stderr)
             return 2
         run["comparison"] = compare(run, baseline) if baseline else None
-    report.update(rules=args.check, require_complete=args.require_complete)
-    report["passed"], report["decision"] = decide(report)
+    report.update(rules=args.check, require_complete=args.require_complete, noise=args.noise)
+    report["passed"], report["headline"], report["decision"] = decide(report)
     if args.html:
         write_html(args.html, report, collected.runs)
     if args.junit:
-        write_junit(args.junit, report)
+        write_junit(args.junit, report, checks)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as out:
             out.write(markdown(report))
