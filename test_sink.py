@@ -34,7 +34,7 @@ from pathlib import Path
 
 import duckdb
 import junitparser
-import markdown
+import cmarkgfm
 import psutil
 import pytest
 import zmq
@@ -539,15 +539,31 @@ def next_port(address):
     return f"{host}:{int(port) + 1}"
 
 
-def acknowledgements(acks, frames):
+def acknowledgements(acks, frames, timeout=30):
     """(worker, first seq, count) of that many frames, read from the acknowledgements that a sink publishes:
     [worker, b"<first seq> <count> <first seq> <count> ..."]."""
-    read = []
+    read, deadline = [], time.monotonic() + timeout
     while len(read) < frames:
+        assert acks.poll(max(0.0, deadline - time.monotonic()) * 1000), f"{len(read)} of {frames} acknowledgements"
         worker, numbers = acks.recv_multipart()
         numbers = list(map(int, numbers.split()))
         read += [(worker, first, count) for first, count in zip(numbers[::2], numbers[1::2])]
     return read
+
+
+def sent_until_acknowledged(push, acks, message, timeout=30):
+    """Send a numbered message until its acknowledgement comes, as a load generator does: a sink drops the
+    acknowledgements it publishes before a new subscription has reached it. Returns how many copies went."""
+    first, worker = message[0].split(b" ")
+    wanted, copies, deadline = (worker, int(first), message[1].count(b"\n") + 1), 0, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        push.send_multipart(message)
+        copies += 1
+        heard = time.monotonic() + 0.5
+        while acks.poll(max(0.0, heard - time.monotonic()) * 1000):
+            if wanted in acknowledgements(acks, 1):
+                return copies
+    raise AssertionError(f"no acknowledgement of {wanted} in {timeout}s")
 
 
 def numbered(worker, first, count):
@@ -561,28 +577,33 @@ def load_generator(sink):
     """A PUSH socket to the sink, and a SUB socket for its acknowledgements to the worker "w" (and "w2", as
     subscriptions match prefixes)."""
     with zmq.Context() as context, context.socket(zmq.PUSH) as push, context.socket(zmq.SUB) as acks:
-        acks.rcvtimeo = 10_000
+        push.linger = 0  # what a stopped sink did not take is dropped with the socket
         acks.connect(next_port(sink.address))
         acks.subscribe(b"w")
         push.connect(sink.address)
-        time.sleep(0.5)  # the subscription reaches the sink
         yield push, acks
 
 
 def test_a_record_sent_again_is_written_once_also_by_a_sink_started_again(tmp_path, tag, sinks):
     sink = sinks()
     with load_generator(sink) as (push, acks):
-        for message in (numbered("w", 1, 3), numbered("w", 1, 3), numbered("w2", 1, 2), numbered("w", 4, 2)):
+        # Once this frame is acknowledged, the subscription has surely reached the sink; copies of it may be too.
+        copies = sent_until_acknowledged(push, acks, numbered("w", 1, 3))
+        for message in (numbered("w", 2, 2), numbered("w2", 1, 2), numbered("w", 4, 2)):
             push.send_multipart(message)
-        # Every frame is acknowledged once written, copies too; only "w"'s subscription hears "w"'s.
-        assert sorted(acknowledgements(acks, 4)) == [(b"w", 1, 3), (b"w", 1, 3), (b"w", 4, 2), (b"w2", 1, 2)]
+        # Every frame is acknowledged once written, one whose records the file holds too; "w"'s subscription
+        # hears "w2"'s as well (subscriptions match prefixes).
+        heard = acknowledgements(acks, 3)
+        while not {(b"w", 2, 2), (b"w2", 1, 2), (b"w", 4, 2)} <= set(heard):
+            heard += acknowledgements(acks, 1)
+        assert sorted(ack for ack in heard if ack != (b"w", 1, 3)) == [(b"w", 2, 2), (b"w", 4, 2), (b"w2", 1, 2)]
         push.send_multipart([b"7 w", numbered("w", 6, 1)[1]])  # numbered unlike its records: rejected
         push.send_multipart([b"8 w", numbered("w", 8, 1)[1], b"{}"])  # three frames: plain, and one is not JSON
         wait_for(lambda: len(complete_lines(sink.log_file)) == 9, what="the records")
-        reconnected = acks.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         summary = sink.stop()
-        assert "9 records written" in summary and "3 records sent again and already in the file" in summary
-        assert "2 frames rejected (1 not JSON, 1 numbered unlike its records)" in summary
+        assert "9 records written" in summary and "2 frames rejected (1 not JSON, 1 numbered unlike its records)" \
+            in summary
+        assert f"{2 + 3 * (copies - 1)} records sent again and already in the file" in summary, summary
         # A sink killed in a write leaves the start of a line: the next one cuts it, and knows the rest from the
         # index the first wrote as it stopped.
         index = Path(f"{sink.log_file}.index")
@@ -593,15 +614,12 @@ def test_a_record_sent_again_is_written_once_also_by_a_sink_started_again(tmp_pa
         assert re.search(r"\(holding records of 2 processes: 0 MB read in [\d.]+s, the rest known from its index\) "
                          r"\(cut its incomplete last line, 20 bytes, never acknowledged\)", restarted.stderr()), \
             restarted.stderr()
-        # The acknowledgement connection comes back, and its subscription reaches the new sink.
-        assert reconnected.poll(10_000), "the SUB socket connected to the new sink"
-        acks.disable_monitor()
-        reconnected.close()
-        time.sleep(0.5)
-        push.send_multipart(numbered("w", 4, 4))  # 4 and 5 are in the file, 6 and 7 are not
-        assert acknowledgements(acks, 1) == [(b"w", 4, 4)]
+        # Both connections come back to the new sink; 4 and 5 are in the file, 6 and 7 are not.
+        copies = sent_until_acknowledged(push, acks, numbered("w", 4, 4))
         summary = restarted.stop()
-    assert "2 records written" in summary and "2 records sent again and already in the file" in summary
+    # Copies after the one acknowledged may have come too late to count.
+    assert "2 records written" in summary and re.search(r"(\d+) records sent again and already in the file",
+                                                         summary)[1] in {str(2 + 4 * n) for n in range(copies)}, summary
     ids = [(r.get("worker"), r.get("seq")) for r in read_records(sink.log_file)]
     assert ids == [("w", 1), ("w", 2), ("w", 3), ("w2", 1), ("w2", 2), ("w", 4), ("w", 5), ("w", 8), (None, None),
                    ("w", 6), ("w", 7)]
@@ -614,52 +632,72 @@ def test_a_record_sent_again_is_written_once_also_by_a_sink_started_again(tmp_pa
                          started_again.stderr())
         assert said and bool(said.group(1)) == used, started_again.stderr()
         with load_generator(started_again) as (push, acks):
-            push.send_multipart(numbered("w", 6, 2))
-            assert acknowledgements(acks, 1) == [(b"w", 6, 2)]
-        summary = started_again.stop()
-        assert "0 records written" in summary and "2 records sent again and already in the file" in summary, summary
+            copies = sent_until_acknowledged(push, acks, numbered("w", 6, 2))
+            summary = started_again.stop()
+        assert "0 records written" in summary and re.search(r"(\d+) records sent again and already in the file",
+                                                            summary)[1] in {str(2 * n) for n in range(1, copies + 1)}
     assert [(r.get("worker"), r.get("seq")) for r in read_records(sink.log_file)] == ids
 
 
 def test_a_sink_acknowledges_only_what_its_file_holds(tmp_path, tag, sinks):
     sink = sinks(file_size_limit=3000)  # about 6 of the 10 frames below
     with load_generator(sink) as (push, acks):
-        for first in range(1, 100, 10):
+        sent_until_acknowledged(push, acks, numbered("w", 1, 10))
+        for first in range(11, 100, 10):
             push.send_multipart(numbered("w", first, 10))
         wait_for(lambda: "sink: cannot write to" in sink.stderr(), what="the sink to stall")
-        time.sleep(0.5)
         in_file = [json.loads(line)["seq"] for line in sink.log_file.read_bytes().split(b"\n")[:-1]]
-        acknowledged = []
-        while acks.poll(0):
-            acknowledged += acknowledgements(acks, 1)
-        assert 0 < len(acknowledged) < 10
-        assert [seq for _, first, count in acknowledged for seq in range(first, first + count)] == in_file[:10 * len(
-            acknowledged)], "only frames whose every record is in the file"
+        # What the file holds when the sink stalls is acknowledged, each frame whole; then nothing more, until the file
+        # takes the rest.
+        written = [(b"w", first, 10) for first in range(11, in_file[-1] - 8, 10)]
+        acknowledged = [ack for ack in acknowledgements(acks, len(written)) if ack != (b"w", 1, 10)]
+        while len(acknowledged) < len(written):
+            acknowledged += [ack for ack in acknowledgements(acks, 1) if ack != (b"w", 1, 10)]
+        assert 0 < len(written) < 9 and acknowledged == written, "only frames whose every record is in the file"
+        assert not acks.poll(500), "nothing more while the file refuses writes"
         resource.prlimit(sink.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        acknowledged += acknowledgements(acks, 10 - len(acknowledged))
+        acknowledged += acknowledgements(acks, 9 - len(acknowledged))
     sink.stop()
-    assert sorted(acknowledged) == [(b"w", first, 10) for first in range(1, 100, 10)]
+    assert sorted(acknowledged) == [(b"w", first, 10) for first in range(11, 100, 10)]
     assert [r["seq"] for r in read_records(sink.log_file)] == list(range(1, 101))
 
 
 def test_a_long_drain_is_acknowledged_as_it_goes(tmp_path, tag, sinks, without_accelerators):
-    sink = sinks(settings=without_accelerators)  # the json module only: the drain below takes it over a second
-    messages = [numbered("w", first, 1000) for first in range(1, 800_001, 1000)]  # half: 0.8 s in a fast hour
+    # A sender far faster than the sink (the json module only) keeps a queue of 3000 frames full, seconds of the
+    # sink's work, so that the sink's drains never run dry: each ends at its deadline, and in between the
+    # acknowledgements must still come.
+    sink = sinks(settings=without_accelerators)
+    sent, stop = [0], threading.Event()
+
+    def send_until_stopped(push, first=1001):
+        while not stop.is_set():
+            push.send_multipart([b"%d w" % first, b"\n".join(b'{"worker":"w","seq":%d,"message":"x"}' % seq
+                                                              for seq in range(first, first + 1000))])
+            sent[0], first = sent[0] + 1, first + 1000
+
     with load_generator(sink) as (push, acks):
-        sending = threading.Thread(target=lambda: [push.send_multipart(message) for message in messages])
-        sink.proc.send_signal(signal.SIGSTOP)  # a backlog first, so that one drain goes on and on
+        sent_until_acknowledged(push, acks, numbered("w", 1, 1000))
+        push.sndhwm, push.sndtimeo = 3000, 30_000  # a sink that died ends the sender too
+        sending = threading.Thread(target=send_until_stopped, args=(push,))
         sending.start()
-        time.sleep(1)
-        started = time.monotonic()
-        sink.proc.send_signal(signal.SIGCONT)
-        arrivals, frames = [], 0
-        while frames < len(messages):
-            frames += len(acknowledgements(acks, 1))
-            arrivals.append(time.monotonic())
-        sending.join()
+        try:
+            wait_for(lambda: sent[0] >= push.sndhwm, what="a full queue of frames")
+            acknowledged = 0
+            while acks.poll(0):
+                acknowledged += sum(first != 1 for _, first, _ in acknowledgements(acks, 1))
+            arrivals, deadline = [], time.monotonic() + 60
+            while not arrivals or arrivals[-1][0] - arrivals[0][0] < 3:  # (when, frames acknowledged, backlog)
+                assert time.monotonic() < deadline, "3 s of acknowledgements"
+                acknowledged += sum(first != 1 for _, first, _ in acknowledgements(acks, 1))
+                arrivals.append((time.monotonic(), acknowledged, sent[0] - acknowledged))
+        finally:
+            stop.set()
+            sending.join()
     sink.stop()
-    assert arrivals[-1] - started > 1.0, "a drain long enough to show when acknowledgements come"
-    gaps = [later - earlier for earlier, later in zip([started] + arrivals, arrivals)]
+    (started, first, _), (ended, last, _) = arrivals[0], arrivals[-1]
+    # At each acknowledgement more frames were waiting than the sink takes in a drain (at most 0.5 s): none ran dry.
+    assert min(backlog for _, _, backlog in arrivals) > 0.5 * (last - first) / (ended - started), arrivals
+    gaps = [later - earlier for (earlier, _, _), (later, _, _) in zip(arrivals, arrivals[1:])]
     assert max(gaps) < 0.25, f"{max(gaps):.2f}s without an acknowledgement"
 
 
@@ -1160,22 +1198,24 @@ def test_records_of_kilobytes_go_in_frames_the_sink_accepts(tmp_path, tag, targe
     assert re.search(r"all \d+ records acknowledged, 0 sent again", stderr), stderr
 
 
-def test_a_sink_that_never_acknowledges_gets_each_frame_again_ever_more_rarely(tag):
-    # The resend timeout doubles at each expiry, so a slow sink is not flooded with copies: over 8 s without an
-    # acknowledgement, a frame goes again 1 s after the first send, 2 s after that and 4 s after that; not each second.
+def test_a_sink_that_never_acknowledges_gets_a_window_of_frames_each_again_ever_more_rarely(tag):
+    # A load generator sends at most 8 frames before an acknowledgement, whatever it has waiting (here 10 frames a
+    # second); and the resend timeout doubles at each expiry, so a slow sink is not flooded with copies: over 8 s
+    # without an acknowledgement, the oldest frame goes again 1 s after its first send, 2 s after that and 4 s
+    # after that; not each second.
     address = f"tcp://127.0.0.1:{free_port()}"
     with zmq.Context() as context, context.socket(zmq.PULL) as pull:
         pull.bind(address)
-        simulated = simulated_load_generators(tag, address, count=1, rate=100, seconds=8, processes=1,
+        simulated = simulated_load_generators(tag, address, count=1, rate=2000, seconds=8, processes=1,
                                               settings={"ZMQ_SINK_FLUSH_TIMEOUT": "0.1"})
         frames, deadline = Counter(), time.monotonic() + 8
         while time.monotonic() < deadline:
             if pull.poll(100):
                 frames[pull.recv_multipart()[0]] += 1
         totals = finish_simulated(simulated)
-    again = sum(frames.values()) - len(frames)
-    assert totals["acked"] == 0 and len(frames) >= 6, (frames, totals)
-    assert 2 <= again <= 3, frames
+    assert totals["acked"] == 0 and totals["made"] >= 10_000, totals
+    assert len(frames) == 8, f"{len(frames)} frames sent before any acknowledgement"
+    assert 2 <= sum(frames.values()) - len(frames) <= 3, frames
 
 
 def test_stalled_sink_does_not_slow_the_run(tmp_path, tag, target):
@@ -1837,8 +1877,10 @@ def test_many_load_generators_deliver_every_record_once(tmp_path, tag, sinks, co
     assert result["acked"] == result["made"] == written >= count * rate * 5
     # Fewer, fuller frames: one a second each, not one every 50 ms, and the last ones at the end.
     assert result["frames"] <= count * 8, result["frames"]
+    # Each record once in the file. How many the sink received again depends on the machine: 1000 simulated load
+    # generators on 2 busy cores read acknowledgements late enough to time out 0 to 11% of their records.
     assert_each_record_once(sink.log_file, result)
-    assert again <= 0.1 * result["made"], (again, result["resent"])
+    assert again <= result["resent"]
 
 
 @pytest.mark.parametrize("hard_limit", [False, True], ids=["raised", "hard limit"])
@@ -2036,9 +2078,10 @@ def test_resource_samples_come_from_each_worker_at_the_interval(tmp_path, tag, t
             assert 20e6 < message["rss_bytes"] < 1e9
             assert message["user_count"] in (0, 1, 2, 3, 4)
         assert mine[-1]["message"]["user_count"] == 2, "4 users over 2 workers"
-        # The worker's own CPU, not its idle master's: the users spin between requests.
+        # The worker's own CPU, not its idle master's (under 2% when the sampler measured the master, before the
+        # fork): the users spin between requests, for as much of a core as the machine gives the worker.
         peak = max(r["message"]["cpu_percent"] for r in mine)
-        assert peak > 50, [r["message"]["cpu_percent"] for r in mine]
+        assert peak > 20, [r["message"]["cpu_percent"] for r in mine]
         row = re.search(rf"^{worker} +\S+ +(\d+) +(\d+) +([\d.]+)% +([\d.]+) MB$", output, re.MULTILINE)
         assert row.groups() == (str(len(requests_of([r for r in records if r["worker"] == worker]))), str(len(mine)),
                                 f"{peak:.1f}", f"{max(r['message']['rss_bytes'] for r in mine) / 1e6:.1f}")
@@ -2403,16 +2446,21 @@ def test_report_of_an_empty_file_an_unknown_run_or_a_missing_file(tmp_path):
     assert "INCOMPLETE: no records of any process" in output
     assert "No request records and no resource samples: nothing more to report" in output
     assert not report_json(empty, "--require-complete", expect_code=1)["complete"], "an empty file proves nothing"
-    unreadable = tmp_path / "unreadable.jsonl"
-    unreadable.write_text("not json\n{\n")
-    tables, output = report(unreadable)
-    assert tables == {}
-    assert f"unreadable lines 2 (the first: {unreadable} line 1)" in output
+    # A file with no record but lines that are none (a CSV, another tool's JSON): a mistake, said in one line.
+    unreadable, other = tmp_path / "stats.csv", tmp_path / "other.jsonl"
+    unreadable.write_text("Type,Name\nGET,/\n")
+    other.write_text('{"level": "info"}\n')
+    result = run_report(unreadable, other, "--json", expect_code=1)
+    assert (result.stdout, result.stderr) == ("", f"report: no records in {unreadable}, {other}: of 3 lines, 2 "
+                                              f"unreadable (the first: {unreadable} line 1), 1 JSON but not records; "
+                                              "expected the JSON lines that locustfile.py and sink.py write\n")
+    one_run = tmp_path / "one_run.jsonl"
+    one_run.write_text(record_line("10:00:00", RUN_A, request("GET", "/", 1)) + "\n")
+    output = report(unreadable, one_run)[1]
+    assert f"unreadable lines 2 (the first: {unreadable} line 1)" in output, "beside records, they are counted"
     missing = run_report(empty, tmp_path / "missing.jsonl", expect_code=1)
     assert missing.stdout == ""
     assert missing.stderr == f"report: cannot read {tmp_path / 'missing.jsonl'}: No such file or directory\n"
-    one_run = tmp_path / "one_run.jsonl"
-    one_run.write_text(record_line("10:00:00", RUN_A, request("GET", "/", 1)) + "\n")
     nowhere = tmp_path / "no such folder" / "page.html"
     unwritable = run_report(one_run, "--html", nowhere, expect_code=1)
     assert unwritable.stderr == f"report: cannot write {nowhere}: No such file or directory\n"
@@ -2501,13 +2549,17 @@ def test_progress_shows_on_a_terminal_only_while_reading_takes_more_than_a_secon
 
 SHOP_LOCUSTFILE = """
     import os
+    import random
     import gevent
     import locustfile
     from locust import FastHttpUser, task
     from locust.exception import StopUser
 
     RUN = os.environ["SHOP_RUN"]  # each run its own paths
-    ITEMS = f"/wait/{os.environ['ITEMS_WAIT_MS']}/{RUN}"  # 0 ms more in a baseline run, 20 ms more in a slower one
+    ITEMS = f"/wait/{os.environ['ITEMS_WAIT_MS']}/{RUN}"  # 0 ms more in a baseline run, 20 ms more in a worse one
+    # A search fails by chance, as a random mix of tasks would: the same chance in two runs of the same code, each
+    # its own draws (a seed, so that every run of the tests draws the same).
+    FAILS, CHANCE = random.Random(int(os.environ["SEARCH_SEED"])), float(os.environ["SEARCH_FAILURES"])
 
     class Shop(FastHttpUser):
         @task
@@ -2518,6 +2570,9 @@ SHOP_LOCUSTFILE = """
                 self.client.get(f"/wait/30/{RUN}", name="/slow")
                 with self.client.get(f"/wait/1/{RUN}", name="/pay", catch_response=True) as response:
                     response.failure("declined")
+                with self.client.get(f"/wait/2/{RUN}", name="/search", catch_response=True) as response:
+                    if FAILS.random() < CHANCE:
+                        response.failure("no results")
             gevent.spawn(self.environment.runner.quit)  # not from this greenlet, which quitting stops
             raise StopUser()
 """
@@ -2525,17 +2580,20 @@ SHOP_LOCUSTFILE = """
 
 @pytest.fixture(scope="module")
 def shop_runs(tmp_path_factory, target):
-    """Three runs of one user, 50 rounds each, one after the other: a baseline, the same code again, /items 20 ms
-    slower. (At once, the three shared two cores, and a p95 of 50 values moved by more than 10% one time in ten.)"""
+    """Three runs of one user, 50 rounds each, one after the other: a baseline, the same code again, and a worse
+    one: /items 20 ms slower, /search failing 60% of the time, not 25%; their searches fail 10, 16 and 28 times.
+    (At once, the three shared two cores, and a p95 of 50 values moved by more than 10% one time in ten.)"""
     mark, folder = uuid.uuid4().hex, tmp_path_factory.mktemp("shop")
     locustfile = write_locustfile(folder / "shop.py", SHOP_LOCUSTFILE)
     files = {}
-    for run, items_wait in (("baseline", 0), ("again", 0), ("slower", 20)):
+    for run, items_wait, search_failures, seed in (("baseline", 0, 0.25, 2), ("again", 0, 0.25, 1),
+                                                   ("worse", 20, 0.6, 3)):
         files[run] = folder / f"{run}.jsonl"
         result = subprocess.run(locust_command(target, "--headless", "-u", "1", "-r", "1", "-t", "60s",
                                                locustfile=locustfile),
                                 cwd=folder, env=environment(mark, LOCUST_LOG_FILE=str(files[run]), SHOP_RUN=run,
-                                                            ITEMS_WAIT_MS=str(items_wait)),
+                                                            ITEMS_WAIT_MS=str(items_wait), SEARCH_SEED=str(seed),
+                                                            SEARCH_FAILURES=str(search_failures)),
                                 capture_output=True, text=True, timeout=90)
         assert result.returncode == 0, result.stderr
     assert not tagged_processes(mark)
@@ -2550,51 +2608,78 @@ def checks_of(report):
 
 def test_checks_pass_and_fail_per_name_on_a_real_run(tmp_path, shop_runs):
     run = shop_runs["baseline"]
-    names = ["GET /cart", "GET /items", "GET /pay", "GET /slow"]
+    names = ["GET /cart", "GET /items", "GET /pay", "GET /search", "GET /slow"]
     passing = ["p95 < 300", "GET /slow: p50 > 30ms", "/slow: p99.9 < 2s", "each: p99 < 500", "GET /cart: failures = 0",
-               "failures < 30%", "GET /pay: failures = 100%", "rps > 5", "requests >= 200", "max < 2s"]
+               "failures < 30%", "GET /pay: failures = 100%", "rps > 5", "requests >= 250", "max < 2s"]
     failing = {"GET /slow: p95 < 30": ["GET /slow"], "each: p50 < 25": ["GET /slow"], "failures < 1%": ["Aggregated"],
                "rps > 100000": ["Aggregated"], "GET /pay: failures = 0": ["GET /pay"]}
+    rules = [f"--check={rule}" for rule in passing + list(failing)]
     junit, summary = tmp_path / "checks.xml", tmp_path / "checks.md"
-    report = report_json(run, *(f"--check={rule}" for rule in passing + list(failing)), "--require-complete",
-                         "--junit", junit, "--markdown", summary, expect_code=1)
+    report = report_json(run, *rules, "--require-complete", "--junit", junit, "--markdown", summary, expect_code=1)
     def rows(rule):  # what a rule checks: the total, every name, or the one it names (with or without its type)
         scope = rule.split(": ")[0] if ": " in rule else None
         return ["Aggregated"] if scope is None else names if scope == "each" else [
             name for name in names if scope in (name, name[4:])]
     expected = {(rule, name): "fail" if name in failing.get(rule, ()) else "pass"
                 for rule in passing + list(failing) for name in rows(rule)}
-    assert checks_of(report) == expected and len(expected) == 21
+    assert checks_of(report) == expected and len(expected) == 23
     # The measured values are the report's exact ones: nearest rank over the raw values.
     slow = [r["message"]["response_time"] for r in requests_of(read_records(run)) if r["message"]["name"] == "/slow"]
     [p95] = [c["measured"] for c in report["runs"][0]["checks"] if c["rule"] == "GET /slow: p95 < 30"]
     assert len(slow) == 50 and p95 == nearest_rank(slow, 95) > 30
     assert report["passed"] is False
     # Passing rules alone, also with --require-complete, exit 0; the last line says why.
-    result = run_report(run, *(f"--check={rule}" for rule in passing), "--require-complete")
-    assert result.stdout.splitlines()[-1] == "PASS: all 13 checks passed; every record is there."
+    result = run_report(run, *(f"--check={rule}" for rule in passing), "--require-complete", "--json")
+    noisy = sum(check["within_noise"] for check in json.loads(result.stdout)["runs"][0]["checks"])
+    assert noisy and json.loads(result.stdout)["decision"] == (
+        f"PASS: all 14 checks passed; {noisy} checks within the noise, decided by the measured value; every record is "
+        "there.")
     assert run_report(run, "--check", "GET /nowhere: p95 < 300", expect_code=2).stderr == (
         f"report: --check 'GET /nowhere: p95 < 300': run {report['runs'][0]['run_id']} has no requests named "
         f"'GET /nowhere'; its names: {', '.join(names)}\n")
 
-    # The JUnit file as a JUnit reader reads it: one suite for the run, a case per check and row, and one for
-    # completeness; each failure says what was measured and the threshold.
+    # The JUnit file as a JUnit reader reads it: one suite, the report, with the run's id as a property; a case per
+    # check and row, named by the row and the rule without its name, and one for completeness. Every case says
+    # what was measured, its interval and the threshold; a failure says it in its message too.
     [suite] = junitparser.JUnitXml.fromfile(str(junit))
-    assert suite.name == f"run {report['runs'][0]['run_id']}"
-    cases = {case.name: case for case in suite}
-    assert set(cases) == {f"{rule} [{name}]" for rule, name in expected} | {"every record is there"}
-    assert (suite.tests, suite.failures) == (len(cases), 5)
-    failures = {name: case.result[0].message for name, case in cases.items() if case.result}
-    assert set(failures) == {f"{rule} [{name}]" for (rule, name), verdict in expected.items() if verdict == "fail"}
+    assert suite.name == "report.py" and {p.name: p.value for p in suite.properties()}["run_id"] == \
+        report["runs"][0]["run_id"]
+    cases = {(case.classname, case.name): case for case in suite}
+    condition = {rule: rule.split(": ")[-1] for rule in passing + list(failing)}
+    assert set(cases) == {(name, condition[rule]) for rule, name in expected} | {
+        ("completeness", "every record is there")}
+    assert (suite.tests, suite.failures) == (len(cases), 5) == (24, 5)
+    slow_p95 = cases["GET /slow", "p95 < 30"]
     assert re.fullmatch(r"GET /slow: p95 [\d.]+ ms \(95% interval [\d.]+–… ms\), threshold < 30\.00 ms",
-                        failures["GET /slow: p95 < 30 [GET /slow]"])
-    assert failures["failures < 1% [Aggregated]"] == "Aggregated: failures 25.00%, threshold < 1.00%"
-    # The Markdown as a Markdown library renders it: the verdict, then the checks, failures first, and the names.
-    page = markdown.markdown(summary.read_text(), extensions=["tables"])
+                        slow_p95.result[0].message) and slow_p95.system_out == slow_p95.result[0].message
+    passed = cases["Aggregated", "failures < 30%"]
+    assert not passed.result and re.fullmatch(r"Aggregated: failures 24\.00% \(95% interval [\d.]+–[\d.]+%\), "
+                                              r"threshold < 30\.00%(: within the noise)?", passed.system_out)
+    values = {(case.classname, case.name): {p.get("name"): p.get("value") for p in case._elem.iter("property")}
+              for case in suite}
+    assert values["Aggregated", "failures < 30%"]["measured"] == "24.0"
+    assert values["GET /slow", "p95 < 30"]["measured"] == repr(p95) and values["GET /slow", "p95 < 30"]["threshold"] \
+        == "30.0" and values["GET /slow", "p95 < 30"]["verdict"] == "fail"
+    assert all({"measured", "threshold", "verdict"} <= set(v) for key, v in values.items() if key[0] != "completeness")
+    # Another run, another build: the same suite and case names, for a CI system to follow from one to the next.
+    again = tmp_path / "again.xml"
+    run_report(shop_runs["again"], *rules, "--require-complete", "--junit", again, expect_code=1)
+    [other] = junitparser.JUnitXml.fromfile(str(again))
+    assert other.name == suite.name and [(c.classname, c.name) for c in other] == [(c.classname, c.name) for c in suite]
+
+    # The Markdown as GitHub renders it: a short heading, the line that says why, then the checks, failures first,
+    # and the names; in the file, characters as themselves where they are no markup.
+    page = github_markdown(summary.read_text())
     tables = html_tables(page)
-    assert page.startswith("<h2>FAIL: 5 of 21 checks failed")
-    assert [row[-1].split(",")[0] for row in tables[0][1:]] == ["FAIL"] * 5 + ["pass"] * 16
-    assert [row[1] for row in tables[1][1:]] == ["/cart", "/items", "/pay", "/slow", "Aggregated"]
+    assert page.startswith("<h2>FAIL: 5 of 23 checks failed</h2>\n<p>FAIL: 5 of 23 checks failed: GET /slow: p95 &lt; 30")
+    assert [row[-1].split(",")[0] for row in tables[0][1:]] == ["FAIL"] * 5 + ["pass"] * 18
+    assert [row[1] for row in tables[1][1:]] == ["/cart", "/items", "/pay", "/search", "/slow", "Aggregated"]
+    assert "| p95 < 300 | Aggregated |" in summary.read_text()
+
+
+def github_markdown(text):
+    """The page GitHub makes of a Markdown text: its own renderer, cmark-gfm, with its tables."""
+    return cmarkgfm.github_flavored_markdown_to_html(text, options=cmarkgfm.cmark.Options.CMARK_OPT_UNSAFE)
 
 
 def html_tables(page):
@@ -2604,45 +2689,113 @@ def html_tables(page):
                                                                                              page, re.S)]
 
 
-def test_a_baseline_flags_exactly_the_slower_name_and_the_same_code_stays_within_the_noise(tmp_path, shop_runs):
+def test_a_baseline_flags_exactly_what_got_worse_and_the_same_code_stays_within_the_noise(tmp_path, shop_runs):
     def comparison(run, *args, expect_code=0):
         report = report_json(shop_runs[run], "--baseline", shop_runs["baseline"], *args, expect_code=expect_code)
         return report, {row["name"]: row for row in report["runs"][0]["comparison"]}
 
-    _, same = comparison("again")
+    report, same = comparison("again", "--check", "each: failures <= baseline", expect_code=1)
     for name, row in same.items():
-        assert row["changed"] == [] and all(row["metrics"][p]["within_noise"] for p in ("p50", "p95", "p99")), row
-    report, slower = comparison("slower", "--check", "each: p95 < baseline + 10%", expect_code=1)
-    assert {name for name, row in slower.items() if row["changed"] and name != "Aggregated"} == {"GET /items"}
-    assert "p50" in slower["GET /items"]["changed"]  # p95 and p99 of 50 values: intervals open above
-    assert slower["GET /items"]["metrics"]["p50"]["change"] > 100  # 20 ms on about 5 ms
-    assert {check["name"]: check["verdict"] for check in report["runs"][0]["checks"]} == {
-        "GET /cart": "pass", "GET /items": "fail", "GET /pay": "pass", "GET /slow": "pass"}
+        assert row["changed"] == [] and all(row["metrics"][m]["within_noise"] for m in
+                                            ("failure_percent", "p50", "p95", "p99")), row
+    # The same code, another random mix: 16 failed searches of 50 where the baseline had 10, a false alarm when
+    # the measured rates decide; both within the other's noise. --noise pass lets it pass, --noise warn too, saying so.
+    [search] = [check for check in report["runs"][0]["checks"] if check["name"] == "GET /search"]
+    assert (search["measured"], search["threshold"], search["verdict"], search["within_noise"]) == (32, 20, "fail", True)
+    assert search["interval"] == [pytest.approx(19.5, abs=0.05), pytest.approx(46.7, abs=0.05)]
+    assert search["threshold_interval"] == [pytest.approx(10.0, abs=0.05), pytest.approx(33.7, abs=0.05)]
+    assert report["decision"].startswith("FAIL: 1 of 5 checks failed: each: failures <= baseline (GET /search: "
+                                         "32.00%); 5 checks within the noise, decided by the measured value")
+    for noise, verdict in (("pass", "pass"), ("warn", "warn")):
+        report = report_json(shop_runs["again"], "--baseline", shop_runs["baseline"], "--check",
+                             "each: failures <= baseline", "--noise", noise)
+        assert [check["verdict"] for check in report["runs"][0]["checks"] if check["name"] == "GET /search"] == [verdict]
+        assert report["decision"] == f"PASS: all 5 checks passed; 5 checks within the noise, {NOISE_SAID[noise]}."
+    # A worse run fails however the noise is judged: 28 failed searches of 50, and /items 20 ms slower, each beyond
+    # the noise. (Not its p95: of 50 values, its 95% interval is open above, and so within any threshold's noise.)
+    report, worse = comparison("worse", "--check", "each: p50 < baseline + 10%", "--check", "each: failures <= baseline",
+                               "--noise", "pass", expect_code=1)
+    assert {name: row["changed"] for name, row in worse.items() if row["changed"]} == {
+        "GET /items": ["p50"], "GET /search": ["failure_percent"], "Aggregated": ["p50"]}  # p95, p99: open above
+    assert worse["GET /items"]["metrics"]["p50"]["change"] > 100  # 20 ms on about 5 ms
+    assert worse["GET /search"]["metrics"]["failure_percent"]["change"] == pytest.approx(56 - 20)  # points
+    assert {(check["rule"], check["name"]): check["verdict"] for check in report["runs"][0]["checks"]
+            if check["verdict"] != "pass"} == {("each: p50 < baseline + 10%", "GET /items"): "fail",
+                                               ("each: failures <= baseline", "GET /search"): "fail"}
+    assert report["decision"].startswith("FAIL: 2 of 10 checks failed: each: p50 < baseline + 10% (GET /items: ")
+    report, slower = comparison("worse", "--check", "each: p95 < baseline + 10%", expect_code=1)
     check = next(c for c in report["runs"][0]["checks"] if c["name"] == "GET /items")
     base_p95 = nearest_rank([r["message"]["response_time"] for r in requests_of(read_records(shop_runs["baseline"]))
                              if r["message"]["name"] == "/items"], 95)
     assert check["threshold"] == pytest.approx(base_p95 * 1.1)
     # A baseline of two runs must say which; then it is that run.
     both = [shop_runs["baseline"], shop_runs["again"]]
-    result = run_report(shop_runs["slower"], "--baseline", *both, expect_code=2)
+    result = run_report(shop_runs["worse"], "--baseline", *both, expect_code=2)
     run_ids = [the_run_id(read_records(path)) for path in both]
     assert result.stderr == (f"report: --baseline {' '.join(map(str, both))} holds 2 runs with requests "
                              f"({', '.join(run_ids)}): choose one with --baseline-run RUN_ID\n")
-    chosen = report_json(shop_runs["slower"], "--baseline", *both, "--baseline-run", run_ids[0])
+    chosen = report_json(shop_runs["worse"], "--baseline", *both, "--baseline-run", run_ids[0])
     assert chosen["baseline"]["run_id"] == run_ids[0]
     assert chosen["runs"][0]["comparison"] == report["runs"][0]["comparison"]
-    text = run_report(shop_runs["slower"], "--baseline", shop_runs["baseline"]).stdout
-    assert re.search(r"^ +change .* beyond the noise: p50", text, re.M)
+    text = run_report(shop_runs["worse"], "--baseline", shop_runs["baseline"]).stdout
+    assert re.search(r"^ +change .* beyond the noise: p50$", text, re.M)
+    assert re.search(r"^ +change .* beyond the noise: failures$", text, re.M)
     # A name the baseline lacks is not checked against it: not a failure, a skipped case for JUnit.
     without_pay, junit = tmp_path / "without-pay.jsonl", tmp_path / "checks.xml"
     without_pay.write_text("".join(line for line in shop_runs["baseline"].open() if '"name":"/pay"' not in line))
-    text = run_report(shop_runs["slower"], "--baseline", without_pay, "--check", "each: p50 < baseline + 1000%",
+    text = run_report(shop_runs["worse"], "--baseline", without_pay, "--check", "each: p50 < baseline + 1000%",
                       "--junit", junit).stdout
-    assert text.splitlines()[-1] == "PASS: 3 of 4 checks passed; names the baseline lacks were not checked."
+    assert text.splitlines()[-1] == "PASS: 4 of 5 checks passed; names the baseline lacks were not checked."
     [suite] = junitparser.JUnitXml.fromfile(str(junit))
-    assert (suite.tests, suite.failures, suite.skipped) == (4, 0, 1)
+    assert (suite.tests, suite.failures, suite.skipped) == (5, 0, 1)
     [skipped] = [case.result[0] for case in suite if case.result]
     assert isinstance(skipped, junitparser.Skipped) and skipped.message == "the baseline has no requests named GET /pay"
+
+
+def test_a_verdict_is_exact_at_its_threshold_and_the_noise_is_judged_as_asked(tmp_path):
+    # This run: 1, 2, ... 10 ms: p50 5 ms, its 95% interval from the 2nd to the 9th value, 2 to 9 ms. The baseline:
+    # 1, 9, 20, 21, ... 27 ms: p50 22 ms, its interval 9 to 26 ms, which touches this run's at 9 ms.
+    this, baseline, empty = tmp_path / "this.jsonl", tmp_path / "baseline.jsonl", tmp_path / "empty.jsonl"
+    for path, run_id, times in ((this, RUN_A, range(1, 11)), (baseline, RUN_B, [1, 9, *range(20, 28)])):
+        path.write_text("".join(record_line("10:00:00", run_id, request("GET", "/t", float(ms))) + "\n"
+                                for ms in random.sample(list(times), 10)))
+    empty.write_text("")
+    rules = {"p50 <= 5": "pass", "p50 < 5": "fail", "p50 >= 5": "pass", "p50 > 5": "fail", "p50 = 5": "pass",
+             "p50 > baseline - 80%": "pass", "p50 < baseline - 80%": "fail", "p50 < baseline + 10%": "pass",
+             "p50 < 9": "pass", "p50 < 9.5": "pass"}
+    report = report_json(this, "--baseline", baseline, *(f"--check={rule}" for rule in rules), expect_code=1)
+    checks = {check["rule"]: check for check in report["runs"][0]["checks"]}
+    assert {rule: check["verdict"] for rule, check in checks.items()} == rules
+    assert checks["p50 > baseline - 80%"]["threshold"] == pytest.approx(22 * 0.2)
+    assert checks["p50 < baseline + 10%"]["threshold"] == pytest.approx(22 * 1.1)
+    assert checks["p50 < baseline + 10%"]["threshold_interval"] == [pytest.approx(9 * 1.1), pytest.approx(26 * 1.1)]
+    # Within the noise: the interval reaches the threshold (9 ms, one of its ends); not so for 9.5 ms, nor the
+    # baseline's interval times 1.1 (9.9 to 28.6 ms), where times 0.2 (1.8 to 5.2 ms) overlaps it. The two runs'
+    # intervals, which share one value, overlap: their p50s differ within the noise.
+    assert {rule for rule, check in checks.items() if not check["within_noise"]} == {"p50 < 9.5",
+                                                                                     "p50 < baseline + 10%"}
+    [row, _] = report["runs"][0]["comparison"]
+    assert row["metrics"]["p50"]["intervals"] == [[2, 9], [9, 26]] and row["metrics"]["p50"]["within_noise"]
+    assert row["changed"] == []
+    for noise, verdict in (("measured", "pass"), ("pass", "pass"), ("warn", "warn"), ("fail", "fail")):
+        junit = tmp_path / f"{noise}.xml"
+        judged = report_json(this, "--check", "p50 < 9", "--check", "p50 < 9.5", "--noise", noise, "--junit", junit,
+                             expect_code=1 if verdict == "fail" else 0)
+        assert [check["verdict"] for check in judged["runs"][0]["checks"]] == [verdict, "pass"]
+        assert judged["decision"] == (("FAIL: 1 of 2 checks failed: p50 < 9 (Aggregated: 5.00 ms)" if verdict == "fail"
+                                       else "PASS: all 2 checks passed") + f"; 1 check within the noise, "
+                                                                            f"{NOISE_SAID[noise]}.")
+        [suite] = junitparser.JUnitXml.fromfile(str(junit))
+        noisy = next(case for case in suite if case.name == "p50 < 9")
+        assert bool(noisy.result) == (verdict == "fail") and noisy.system_out == (
+            ("WARNING: " if verdict == "warn" else "") + "Aggregated: p50 5.00 ms (95% interval 2.00–9.00 ms), "
+            "threshold < 9.00 ms: within the noise")
+    # No run to check: each rule fails, as the case it is in a run.
+    junit = tmp_path / "none.xml"
+    run_report(empty, "--check", "GET /t: p50 < 9", "--check", "p50 < 9", "--junit", junit, expect_code=1)
+    [suite] = junitparser.JUnitXml.fromfile(str(junit))
+    assert [(case.classname, case.name, case.result[0].message) for case in suite] == [
+        ("GET /t", "p50 < 9", "no run has requests to check"), ("Aggregated", "p50 < 9", "no run has requests to check")]
 
 
 def test_a_window_leaves_out_each_runs_first_and_last_seconds_exactly(tmp_path):
@@ -2686,7 +2839,7 @@ def test_a_window_leaves_out_each_runs_first_and_last_seconds_exactly(tmp_path):
     assert [row["second"][11:19] for row in rows] == [f"10:00:0{n}" for n in range(2, 9)]
     assert sum(int(row["requests"]) for row in rows) == 26
     # The Markdown, rendered: the window is said, and the name with | and <b> stays one cell of text.
-    page = markdown.markdown(summary.read_text(), extensions=["tables"])
+    page = github_markdown(summary.read_text())
     assert "Window: requests that ended from 2026-11-28T10:00:02.000Z to 2026-11-28T10:00:08.250Z" in page
     names_table = html_tables(page)[1]
     assert all(len(row) == 10 for row in names_table) and names_table[2][:3] == ["GET", "/b|<b>", "13"]
@@ -2726,9 +2879,29 @@ def test_a_percentiles_95_percent_interval_holds_the_true_one_in_at_least_95_per
                      + "".join(record_line("11:00:00", RUN_B, request("GET", "/hundred", float(v))) + "\n"
                                for v in random.sample(range(1, 101), 100)))
     ten, hundred = (run["names"][0]["intervals"] for run in report_json(small, "--check", "p99.9 > 0")["runs"])
+    # No failure in n requests: the rate is below 1 - 0.025^(1/n) with 95% confidence (the binomial tail at 0).
+    assert ten.pop("failure_percent") == [0, pytest.approx(100 * (1 - 0.025 ** (1 / 10)))]
+    assert hundred.pop("failure_percent") == [0, pytest.approx(100 * (1 - 0.025 ** (1 / 100)))]
     assert ten == {"p50": [2, 9], "p90": [7, None], "p95": [8, None], "p99": [9, None], "p99.9": [10, None]}
     assert hundred == {"p50": [40, 61], "p90": [84, 96], "p95": [90, 100], "p99": [97, None], "p99.9": [99, None]}
 
+    # A failure rate's interval, of each count of failures in 20 requests: for any true rate, the runs whose
+    # interval holds it have at least 95% of the probability, exactly (near 0%, Wilson's had 85%).
+    rates = tmp_path / "rates.jsonl"
+    rates.write_text("".join(record_line("10:00:00", f"failed-{k}", request("GET", "/", 1.0, failed=i < k)) + "\n"
+                             for k in range(21) for i in range(20)))
+    intervals = {int(run["run_id"][7:]): run["total"]["intervals"]["failure_percent"]
+                 for run in report_json(rates)["runs"]}
+    assert intervals[0][0] == 0 and intervals[20][1] == 100 and intervals[10] == [pytest.approx(27.2, abs=0.05),
+                                                                                   pytest.approx(72.8, abs=0.05)]
+    for rate in [p / 1000 for p in range(1, 1000)]:
+        held = sum(math.comb(20, k) * rate ** k * (1 - rate) ** (20 - k)
+                   for k, (low, high) in intervals.items() if low <= 100 * rate <= high)
+        assert held >= 0.95, (rate, held)
+
+
+NOISE_SAID = {"measured": "decided by the measured value", "pass": "passed (--noise pass)",
+              "warn": "passed with a warning (--noise warn)", "fail": "failed (--noise fail)"}
 
 BAD_COMMANDS = {
     ("--check", "p95 << 300"): "--check 'p95 << 300': bad value '< 300': expected a number (ms, s, % where they "
