@@ -298,13 +298,14 @@ class JsonLinesFileHandler(LinesHandler):
 
 class Frame:
     """Consecutive records of this process, as sent: [b"<first seq> <worker>", lines], until acknowledged."""
-    __slots__ = ("first", "count", "message", "sent_at", "tries")
+    __slots__ = ("first", "count", "message", "first_sent", "sent_at", "tries")
 
     def __init__(self, first, lines, worker):
         self.first, self.count = first, len(lines)
         # Joining makes exact-size frames: orjson's own bytes keep ~4 KB each, too much for a long queue.
         self.message = [b"%d %s" % (first, worker), b"\n".join(lines)]
-        self.sent_at, self.tries = None, 0
+        self.first_sent = self.sent_at = None
+        self.tries = 0
 
 
 class ZmqPushHandler(LinesHandler):
@@ -316,8 +317,9 @@ class ZmqPushHandler(LinesHandler):
     waited LINGER: a process at a low rate sends few, full frames, and while the window is full the records
     gather into full frames, so the sink's cost per record falls as its load rises. Frames are sent again when
     what carried them may be lost (a connection dropped, or an acknowledgement connection was made anew), and
-    the oldest alone when no acknowledgement came for a timeout: as TCP's one retransmission timer, it runs from
-    the last acknowledgement and doubles at each expiry, so a sink that is behind, but acknowledging, gets its
+    the oldest alone when no acknowledgement came for a timeout. As TCP's one retransmission timer (RFC 6298),
+    it runs from the last acknowledgement, follows the acknowledgement times measured, and doubles at each
+    expiry: a sink that is behind, even one that comes to each load generator's frames seconds apart, gets its
     frames late, not twice. Every send is
     non-blocking: a plain pyzmq send that blocks would freeze every greenlet of the worker, users and
     heartbeats included. IMMEDIATE keeps ZeroMQ from accepting frames while no sink is connected, so records
@@ -336,7 +338,7 @@ class ZmqPushHandler(LinesHandler):
     FRAME_BYTES = 64 << 10
     RECORD_BYTES = 1 << 20  # the sink drops a connection that sends a larger record
     LINGER = 1.0  # seconds a record may wait for others to fill its frame
-    TIMEOUT, MAX_TIMEOUT = 1.0, 60.0  # seconds without an acknowledgement, before and after doubling
+    MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 60.0  # seconds, for an acknowledgement
     HEARTBEAT_IVL, HEARTBEAT_TIMEOUT = 1000, 3000  # ms: a sink host that vanished is noticed in seconds
     TOLD = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -354,6 +356,7 @@ class ZmqPushHandler(LinesHandler):
         self.unacked = {}  # first seq -> Frame: every frame not acknowledged yet
         self.to_send = deque()  # frames to send, or send again, in order
         self.in_flight = {}  # first seq -> Frame sent and not acknowledged, in the order sent
+        self.round_trip = self.deviation = None  # seconds: acknowledgement time, smoothed, and its deviation
         # As TCP's one timer: the oldest frame in flight is sent again once it has waited the timeout since it
         # was sent or since the last acknowledgement or timeout, whichever came last; backoff doubles the timeout
         # until an acknowledgement comes. The frames behind it wait behind it, not for nothing.
@@ -453,7 +456,7 @@ class ZmqPushHandler(LinesHandler):
                 if frame.tries:
                     self.resent += frame.count
                 else:
-                    self.sent += frame.count
+                    self.sent, frame.first_sent = self.sent + frame.count, now
                 frame.tries, frame.sent_at = frame.tries + 1, now
                 self.in_flight[frame.first] = frame
             self.to_send.popleft()
@@ -481,7 +484,8 @@ class ZmqPushHandler(LinesHandler):
 
     def timeout(self):
         """Seconds the oldest frame in flight waits for its acknowledgement before it is sent again."""
-        return min(self.MAX_TIMEOUT, self.TIMEOUT * self.backoff)
+        measured = self.MIN_TIMEOUT if self.round_trip is None else self.round_trip + 4 * self.deviation
+        return min(self.MAX_TIMEOUT, max(self.MIN_TIMEOUT, measured) * self.backoff)
 
     def _read_acks(self, now):
         while True:
@@ -502,6 +506,17 @@ class ZmqPushHandler(LinesHandler):
                     self.acked += count
                     self.queued -= count
                     self.waiting_since, self.backoff = now, 1
+                    # From its first send, whichever copy was acknowledged: TCP's rule (Karn's) takes no time of a
+                    # frame sent again, and then, where every frame is sent again, learns nothing and times out
+                    # each one. Too long a time only makes the timeout longer, which is the side to err on.
+                    self._measure(now - frame.first_sent)
+
+    def _measure(self, seconds):
+        if self.round_trip is None:
+            self.round_trip, self.deviation = seconds, seconds / 2
+        else:
+            self.deviation += (abs(self.round_trip - seconds) - self.deviation) / 4
+            self.round_trip += (seconds - self.round_trip) / 8
 
     def why_not_acknowledged(self):
         """What this process knows of why no sink acknowledged a record, for its last line."""
