@@ -27,7 +27,9 @@ it all as one JSON object.
 Then the verdict, for CI: each ``--check`` rule on each run (exit 1 if one fails), a ``--baseline`` run
 compared name by name, within ``--skip-first`` and ``--skip-last`` of each run. Each percentile carries its
 95% confidence interval: two of the sorted values, at ranks from the binomial distribution, whatever the
-distribution of the times. ``--junit`` and ``--markdown`` write the verdict for a CI system.
+distribution of the times; each failure rate its own (Clopper-Pearson). A check whose interval reaches across
+its threshold is within the noise, and ``--noise`` says how to judge it. ``--junit`` and ``--markdown`` write
+the verdict for a CI system. Exit status: 0, or 1 for FAIL or files it cannot use, 2 for a bad command line.
 """
 
 import argparse
