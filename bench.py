@@ -39,7 +39,7 @@ import sys
 import shutil
 import tempfile
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import psutil
@@ -762,7 +762,17 @@ def platform_line():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     return (f"Machine: {os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / (1 << 30):.0f} GiB; "
             f"Python {sys.version.split()[0]}, Locust {version('locust')}, pyzmq {zmq.__version__}, "
-            f"libzmq {zmq.zmq_version()}")
+            f"libzmq {zmq.zmq_version()}, " + ", ".join(f"{name} {installed(name)}" for name in OPTIONAL))
+
+
+OPTIONAL = ("orjson", "pysimdjson", "plotly")  # requirements.txt's, each measured where it is used
+
+
+def installed(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 if __name__ == "__main__":

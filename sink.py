@@ -698,6 +698,8 @@ def main():
                 refused, spare = refuse_waiting(listeners, spare)
                 for host, *_ in refused:
                     refusals.add(f"{host}: no descriptor left, {descriptors} in all")
+                if spare is None and not refused:  # libzmq, trying at once, took the one kept free to name them
+                    refusals.add(f"clients: no descriptor left, {descriptors} in all (their addresses are not known)")
             now = time.monotonic()
             if now - last_time >= PROGRESS_EVERY:
                 if sink.counts() != last_counts:
