@@ -38,6 +38,7 @@ import subprocess
 import sys
 import shutil
 import tempfile
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -269,9 +270,15 @@ def load_generators(address, count, rate, seconds, tag="sim"):
 # --- part 1: hook cost -------------------------------------------------------------------------
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 whose next one is free too: a sink acknowledges there."""
+    while True:
+        with socket.socket() as s, socket.socket() as next_one:
+            s.bind(("127.0.0.1", 0))
+            try:
+                next_one.bind(("127.0.0.1", s.getsockname()[1] + 1))
+                return s.getsockname()[1]
+            except OSError:
+                pass
 
 
 def locust(workdir, host, env, seconds, **popen):
@@ -493,6 +500,8 @@ def sink_start(collected, index):
             pusher.send_multipart([b"1 " + worker.encode(), json.dumps({"worker": worker, "seq": 1}).encode()])
             if acks.poll(20):
                 break
+            if sink.poll() is not None:
+                sys.exit(f"bench: the sink stopped: {sink.stderr.read()}")
         took = time.monotonic() - started
     sink.send_signal(signal.SIGTERM)
     start_line = sink.communicate()[1].splitlines()[0]
@@ -516,12 +525,20 @@ def scale_run(workdir, generators, rate, seconds=30, processes=4):
                                 preexec_fn=on_core(HELPER_CORE)) for n in range(processes)]
     for generator in started:
         assert generator.stdout.readline() == "ready\n"
+    # Read as they write: their last line, every acknowledgement time, can be more than a pipe holds.
+    outputs = {}
+    readers = [threading.Thread(target=lambda g: outputs.setdefault(g, g.stdout.read()), args=(generator,))
+               for generator in started]
+    for reader in readers:
+        reader.start()
     cpu_before, rss = sum(process.cpu_times()[:2]), []
     while any(generator.poll() is None for generator in started):
         rss.append(process.memory_info().rss)
         time.sleep(0.5)
     cpu = sum(process.cpu_times()[:2]) - cpu_before
-    results = [json.loads(generator.stdout.read().splitlines()[-1]) for generator in started]
+    for reader in readers:
+        reader.join()
+    results = [json.loads(outputs[generator].splitlines()[-1]) for generator in started]
     sink.send_signal(signal.SIGTERM)
     summary = sink.communicate()[1].splitlines()[-1]
     out.unlink()

@@ -320,10 +320,9 @@ class ZmqPushHandler(LinesHandler):
     the oldest alone when no acknowledgement came for a timeout. As TCP's one retransmission timer (RFC 6298),
     it runs from the last acknowledgement, follows the acknowledgement times measured, and doubles at each
     expiry: a sink that is behind, even one that comes to each load generator's frames seconds apart, gets its
-    frames late, not twice. Every send is
-    non-blocking: a plain pyzmq send that blocks would freeze every greenlet of the worker, users and
-    heartbeats included. IMMEDIATE keeps ZeroMQ from accepting frames while no sink is connected, so records
-    stay in our queue, where they are counted.
+    frames late, not twice. Every send is non-blocking: a plain pyzmq send that blocks would freeze every
+    greenlet of the worker, users and heartbeats included. IMMEDIATE keeps ZeroMQ from accepting frames while no
+    sink is connected, so records stay in our queue, where they are counted.
 
     ZMTP heartbeats run on the acknowledgement socket only. The sink's PULL socket stops reading a connection
     while the sink is behind or its file refuses writes, and libzmq 4.3.5 aborts the sink's process when it then

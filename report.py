@@ -710,9 +710,9 @@ def decide(report):
     elif failed:
         findings.append(f"{len(failed)} of {count(len(checks), 'check')} failed")
     elif report["rules"]:
-        passes = sum(check["verdict"] in ("pass", "warn") for check in checks)
-        findings.append(f"{'all' if passes == len(checks) > 1 else f'{passes} of' if passes < len(checks) else ''} "
-                        f"{count(len(checks), 'check')} passed".lstrip())
+        passes, every = sum(check["verdict"] in ("pass", "warn") for check in checks), count(len(checks), "check")
+        findings.append(f"{passes} of {every} passed" if passes < len(checks) else f"all {every} passed" if passes > 1
+                        else f"{every} passed")
     noisy = sum(bool(check["within_noise"]) for check in checks)
     if noisy:
         findings.append(f"{count(noisy, 'check')} within the noise, {NOISE[report['noise']]}")
@@ -877,14 +877,14 @@ def write_junit(path, report, rules):
         cases = [(check["name"], check["condition"], check["verdict"], check.get("message") or message(check),
                   measured_properties(check)) for check in checks]
         if report["require_complete"] and number == 1:
-            cases.append(("completeness", "every record is there", "pass" if report["complete"] else "fail",
-                          verdict(report), {}))
+            outcome = "pass" if report["complete"] else "fail"
+            cases.append(("completeness", "every record is there", outcome, verdict(report),
+                          {"verdict": outcome, "missing": report["missing"], "processes": len(report["processes"])}))
         for classname, name, outcome, text, values in cases:
             case = ElementTree.SubElement(suite, "testcase", classname=classname, name=name, time="0")
-            if values:
-                properties = ElementTree.SubElement(case, "properties")
-                for key, value in values.items():
-                    ElementTree.SubElement(properties, "property", name=key, value=str(value))
+            properties = ElementTree.SubElement(case, "properties")
+            for key, value in values.items():
+                ElementTree.SubElement(properties, "property", name=key, value=str(value))
             if outcome in ("fail", "no baseline"):
                 ElementTree.SubElement(case, "failure" if outcome == "fail" else "skipped", message=text).text = text
             ElementTree.SubElement(case, "system-out").text = ("WARNING: " if outcome == "warn" else "") + text
