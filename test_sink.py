@@ -2840,6 +2840,9 @@ def test_a_baseline_flags_exactly_what_got_worse_and_the_same_code_stays_within_
             if check["verdict"] != "pass"} == {("each: p50 < baseline + 10%", "GET /items"): "fail",
                                                ("each: failures <= baseline", "GET /search"): "fail"}
     assert report["decision"].startswith("FAIL: 2 of 10 checks failed: each: p50 < baseline + 10% (GET /items: ")
+    [p95] = [check for check in report_json(shop_runs["worse"], "--baseline", shop_runs["baseline"], "--check",
+                                            "GET /items: p95 < baseline + 10%", "--noise", "pass")["runs"][0]["checks"]]
+    assert p95["interval"][1] is None and p95["within_noise"] and p95["verdict"] == "pass"
     report, slower = comparison("worse", "--check", "each: p95 < baseline + 10%", expect_code=1)
     check = next(c for c in report["runs"][0]["checks"] if c["name"] == "GET /items")
     base_p95 = nearest_rank([r["message"]["response_time"] for r in requests_of(read_records(shop_runs["baseline"]))
@@ -2937,10 +2940,18 @@ def test_a_window_leaves_out_each_runs_first_and_last_seconds_exactly(tmp_path):
     collected.write_text("\n".join(lines) + "\n")
     window = ["--skip-first", "2s", "--skip-last", "1500ms"]
 
+    junit = tmp_path / "checks.xml"
     report = report_json(collected, *window, "--require-complete", "--check", "requests = 26", "--check", "p50 = 21",
-                         "--timeline", timeline, "--markdown", summary, expect_code=1)  # run B fails them
+                         "--timeline", timeline, "--markdown", summary, "--junit", junit, expect_code=1)  # B fails
     assert report["complete"] and not report["passed"] and report["lines"]["outside_window"] == 14 + 1 + 4
     run_a, run_b = report["runs"]
+    # Two runs, two suites, named by their order and each with its run's id.
+    suites = list(junitparser.JUnitXml.fromfile(str(junit)))
+    assert [(suite.name, {p.name: p.value for p in suite.properties()}["run_id"], suite.failures) for suite in suites] \
+        == [("report.py run 1", RUN_A, 0), ("report.py run 2", RUN_B, 2)]
+    assert [(case.classname, case.name) for case in suites[0]] == [("Aggregated", "requests = 26"),
+                                                                  ("Aggregated", "p50 = 21"),
+                                                                  ("completeness", "every record is there")]
     # Kept: the requests that ended from 10:00:02.000 to 10:00:08.250, both included: i = 8 ... 33, 9 ... 34 ms.
     assert run_a["window"] == {"from": "2026-11-28T10:00:02.000Z", "to": "2026-11-28T10:00:08.250Z",
                                "run_first_end": "2026-11-28T10:00:00.000Z",
