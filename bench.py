@@ -498,7 +498,7 @@ def sink_start(collected, index):
         pusher.connect(address)
         while True:  # sent again until acknowledged: an acknowledgement before the subscription arrived is lost
             pusher.send_multipart([b"1 " + worker.encode(), json.dumps({"worker": worker, "seq": 1}).encode()])
-            if acks.poll(20):
+            if acks.poll(20) and acks.recv_multipart()[1]:  # not the sink's empty answer to the subscription
                 break
             if sink.poll() is not None:
                 sys.exit(f"bench: the sink stopped: {sink.stderr.read()}")

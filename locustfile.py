@@ -316,13 +316,14 @@ class ZmqPushHandler(LinesHandler):
     first the frames to send again, then new ones. A new frame leaves when it is full or its first record has
     waited LINGER: a process at a low rate sends few, full frames, and while the window is full the records
     gather into full frames, so the sink's cost per record falls as its load rises. Frames are sent again when
-    what carried them may be lost (a connection dropped, or an acknowledgement connection was made anew), and
-    the oldest alone when no acknowledgement came for a timeout. As TCP's one retransmission timer (RFC 6298),
-    it runs from the last acknowledgement, follows the acknowledgement times measured, and doubles at each
-    expiry: a sink that is behind, even one that comes to each load generator's frames seconds apart, gets its
-    frames late, not twice. Every send is non-blocking: a plain pyzmq send that blocks would freeze every
-    greenlet of the worker, users and heartbeats included. IMMEDIATE keeps ZeroMQ from accepting frames while no
-    sink is connected, so records stay in our queue, where they are counted.
+    what carried them may be lost (a connection dropped, or a sink answered a new subscription of ours: what it
+    acknowledged before went to no one), and the oldest alone when no acknowledgement came for a timeout. As
+    TCP's one retransmission timer (RFC 6298), it runs from the last acknowledgement, follows the
+    acknowledgement times measured, and doubles at each expiry: a sink that is behind, even one that comes to
+    each load generator's frames seconds apart, gets its frames late, not twice. Every send is non-blocking: a
+    plain pyzmq send that blocks would freeze every greenlet of the worker, users and heartbeats included.
+    IMMEDIATE keeps ZeroMQ from accepting frames while no sink is connected, so records stay in our queue, where
+    they are counted.
 
     ZMTP heartbeats run on the acknowledgement socket only. The sink's PULL socket stops reading a connection
     while the sink is behind or its file refuses writes, and libzmq 4.3.5 aborts the sink's process when it then
@@ -374,12 +375,11 @@ class ZmqPushHandler(LinesHandler):
         for socket_ in (self.socket, self.acks):
             if curve_keys:  # encrypted, to a sink that knows our public key; without a handshake nothing leaves
                 socket_.curve_serverkey, socket_.curve_publickey, socket_.curve_secretkey = curve_keys
-        # What was in flight on a connection that dropped is lost with it, and so are acknowledgements published
-        # before a new acknowledgement connection's subscription reached its sink: the monitors say when to resend.
-        # The push connection's other events say, in the last line, why no sink acknowledged anything.
+        # What was in flight on a connection that dropped is lost with it: the monitors say when to resend. The
+        # push connection's other events say, in the last line, why no sink acknowledged anything.
         self.curve, self.heard = bool(curve_keys), {}  # event -> the last value it came with
         self.monitors = [self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | self.TOLD),
-                         self.acks.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)]
+                         self.acks.get_monitor_socket(zmq.EVENT_DISCONNECTED)]
         for address in addresses:  # several sinks: PUSH sends each frame to one of those connected, in turn
             self.socket.connect(address)
             self.acks.connect(ack_address(address))
@@ -436,8 +436,9 @@ class ZmqPushHandler(LinesHandler):
 
     def _forward(self, flushing=False):
         now = time.monotonic()
-        self._read_acks(now)
-        if self._lost_in_flight():
+        if self._read_acks(now) | self._lost_in_flight():
+            for frame in self.in_flight.values():
+                frame.first_sent = None  # timed anew: how long a connection was lost says nothing of the sink
             self.to_send.extendleft(reversed(self.in_flight.values()))
             self.in_flight.clear()
         oldest = next(iter(self.in_flight.values()), None)
@@ -455,15 +456,14 @@ class ZmqPushHandler(LinesHandler):
                 if frame.tries:
                     self.resent += frame.count
                 else:
-                    self.sent, frame.first_sent = self.sent + frame.count, now
-                frame.tries, frame.sent_at = frame.tries + 1, now
+                    self.sent += frame.count
+                frame.tries, frame.sent_at, frame.first_sent = frame.tries + 1, now, frame.first_sent or now
                 self.in_flight[frame.first] = frame
             self.to_send.popleft()
 
     def _lost_in_flight(self):
-        """True if what is in flight may be lost since the last call: a connection dropped, or an acknowledgement
-        connection was made. One whose heartbeats went unanswered also drops the push connection to its sink,
-        which has no heartbeats."""
+        """True if a connection dropped since the last call. An acknowledgement connection whose heartbeats went
+        unanswered also drops the push connection to its sink, which has no heartbeats."""
         lost = False
         for monitor in self.monitors:
             while monitor.poll(0):
@@ -487,16 +487,20 @@ class ZmqPushHandler(LinesHandler):
         return min(self.MAX_TIMEOUT, max(self.MIN_TIMEOUT, measured) * self.backoff)
 
     def _read_acks(self, now):
+        """Forget the frames acknowledged. True if a sink answered a new subscription of ours (an empty
+        acknowledgement): what it acknowledged before went to no one."""
+        answered = False
         while True:
             try:
                 worker, ack = self.acks.recv_multipart(zmq.NOBLOCK)
                 numbers = list(map(int, ack.split()))  # b"<first seq> <count> <first seq> <count> ..."
             except zmq.Again:
-                return
+                return answered
             except ValueError:
                 continue  # not an acknowledgement
             if worker != self.worker:
                 continue  # a longer id that starts with ours: subscriptions match prefixes
+            answered |= not numbers
             for first, count in zip(numbers[::2], numbers[1::2]):
                 frame = self.unacked.get(first)
                 if frame is not None and frame.count == count:
@@ -505,9 +509,9 @@ class ZmqPushHandler(LinesHandler):
                     self.acked += count
                     self.queued -= count
                     self.waiting_since, self.backoff = now, 1
-                    # From its first send, whichever copy was acknowledged: TCP's rule (Karn's) takes no time of a
-                    # frame sent again, and then, where every frame is sent again, learns nothing and times out
-                    # each one. Too long a time only makes the timeout longer, which is the side to err on.
+                    # From its first send since it may have been lost, whichever copy was acknowledged: TCP's rule
+                    # (Karn's) takes no time of a frame sent again, and then, where every frame is sent again, learns
+                    # nothing and times out each one. Too long a time only makes the timeout longer, the safe side.
                     self._measure(now - frame.first_sent)
 
     def _measure(self, seconds):

@@ -18,7 +18,9 @@ A message of two frames whose first is ``<seq> <worker>`` (as the locustfile sen
 records are that process's records seq, seq + 1, ... The sink writes only those its file does not hold yet,
 then publishes ``[worker, b"<seq> <count> <seq> <count> ..."]`` (its frames written since the last) on a PUB
 socket at the next port (5556), where the load generator subscribes to its own worker id: the
-acknowledgement that lets it forget them.
+acknowledgement that lets it forget them. ZeroMQ drops what is published before a subscription reaches the
+sink, so the sink answers each subscription with ``[worker, b""]``: from then on nothing is dropped, and the
+load generator sends again what it had sent before.
 
 Each valid frame goes to the file in one unbuffered write before it is counted or acknowledged: a reader
 sees every counted record, and a sink killed at any moment leaves at most its last line incomplete. A sink
@@ -367,6 +369,14 @@ class Sink:
             self.acks.send_multipart([worker, b" ".join(acks)])
         self.acks_due.clear()
 
+    def welcome(self):
+        """Answer each new subscription with an empty acknowledgement, which can no longer be dropped for want of
+        it: what the load generator sent before may have been acknowledged to no one, and it sends that again."""
+        while self.acks.poll(0):
+            subscription = self.acks.recv()
+            if subscription[:1] == b"\x01":
+                self.acks.send_multipart([subscription[1:], b""])
+
     def held_records(self):
         return sum(records for _, records, _ in self.held)
 
@@ -636,7 +646,8 @@ def main():
 
     descriptors, raised = raise_descriptor_limit()
     context = zmq.Context()
-    pull, acks = context.socket(zmq.PULL), context.socket(zmq.PUB)
+    pull, acks = context.socket(zmq.PULL), context.socket(zmq.XPUB)
+    acks.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, also to a worker id it has: each is a new connection
     pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     pull.setsockopt(zmq.RCVHWM, RCVHWM)
     refusals = Refusals()
@@ -672,6 +683,7 @@ def main():
 
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
+    poller.register(acks, zmq.POLLIN)
     events = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
               | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED)
     monitors = [pull.get_monitor_socket(events), acks.get_monitor_socket(zmq.EVENT_ACCEPT_FAILED)]
@@ -694,6 +706,8 @@ def main():
             ready = dict(poller.poll(100))
             if pull in ready:
                 sink.drain(pull, max_seconds=0.5)
+            if acks in ready:
+                sink.welcome()
             if any([read_events(monitor, sink, refusals, curve) for monitor in monitors if monitor in ready]):
                 refused, spare = refuse_waiting(listeners, spare)
                 for host, *_ in refused:
