@@ -94,6 +94,17 @@ simdjson_parser = simdjson.Parser() if simdjson else None
 BOM = b"\xef\xbb\xbf"
 
 
+SAYING = threading.Lock()
+
+
+def say(line):
+    """One line to stderr, written whole: the ZAP thread names refusals while the main loop says the rest, and
+    print's separate write of the line break let one thread's line run into the other's."""
+    with SAYING:
+        sys.stderr.write(f"sink: {line}\n")
+        sys.stderr.flush()
+
+
 def why_not_a_record(line):
     """Return why one line is not a record, or None if it is one."""
     if not line:
@@ -314,7 +325,7 @@ class Sink:
                 reason = "numbered unlike its records"
         if reason is not None:
             if not self.rejected[reason]:
-                print(f"sink: rejected a frame ({reason}): {frame[:80]!r}", file=sys.stderr)
+                say(f"rejected a frame ({reason}): {frame[:80]!r}")
             self.rejected[reason] += 1
             return
         data = frame if frame.endswith(b"\n") else frame + b"\n"
@@ -342,8 +353,8 @@ class Sink:
                 self.held[0] = (data, records, ack)
                 if self.stalled_since is None:
                     self.stalled_since = time.monotonic()
-                    print(f"sink: cannot write to {self.name}: {error.strerror}; holding {self.held_records()} "
-                          f"records and taking no more until it can", file=sys.stderr, flush=True)
+                    say(f"cannot write to {self.name}: {error.strerror}; holding {self.held_records()} "
+                        f"records and taking no more until it can")
                 return False
             self.held.popleft()
             self.written += records
@@ -356,8 +367,7 @@ class Sink:
                     self.closes_expected += 1
                 self.acks_due[worker].append(b"%d %d" % (first, count))
         if self.stalled_since is not None:
-            print(f"sink: writing to {self.name} again after {time.monotonic() - self.stalled_since:.1f}s",
-                  file=sys.stderr, flush=True)
+            say(f"writing to {self.name} again after {time.monotonic() - self.stalled_since:.1f}s")
             self.stalled_since = None
         return True
 
@@ -488,7 +498,7 @@ class Refusals:
             self.printed[what] = (printed, since + 1)
             return
         more = f"; {since} more like it in the last {now - printed:.1f}s" if since else ""
-        print(f"sink: refused {what}{more}", file=sys.stderr, flush=True)
+        say(f"refused {what}{more}")
         self.printed[what] = (now, 0)
 
 
@@ -676,10 +686,10 @@ def main():
     room = (descriptors - len(os.listdir("/dev/fd")) - RESERVED_DESCRIPTORS) // 2
     access = (f"only CURVE clients with one of the {len(curve[2])} keys in {args.curve_clients}" if curve
               else "anyone who can connect, unencrypted")
-    print(f"sink: listening on {endpoint} (acknowledgements on {acks.getsockopt_string(zmq.LAST_ENDPOINT)}) for "
-          f"{access}, appending to {args.log_file}{mended}, checking records with "
-          f"{'simdjson' if simdjson else 'the json module'}; room for {room} load generators ({descriptors} "
-          f"descriptors, {raised})", file=sys.stderr, flush=True)
+    say(f"listening on {endpoint} (acknowledgements on {acks.getsockopt_string(zmq.LAST_ENDPOINT)}) for "
+        f"{access}, appending to {args.log_file}{mended}, checking records with "
+        f"{'simdjson' if simdjson else 'the json module'}; room for {room} load generators ({descriptors} "
+        f"descriptors, {raised})")
 
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
@@ -699,8 +709,8 @@ def main():
                 if sink.write_held():
                     sink.acknowledge()
                 elif now - max(sink.stalled_since, last_stalled_line) >= STALLED_EVERY:
-                    print(f"sink: still cannot write to {args.log_file} after {now - sink.stalled_since:.0f}s; "
-                          f"holding {sink.held_records()} records", file=sys.stderr, flush=True)
+                    say(f"still cannot write to {args.log_file} after {now - sink.stalled_since:.0f}s; "
+                        f"holding {sink.held_records()} records")
                     last_stalled_line = now
                 continue
             ready = dict(poller.poll(100))
@@ -718,8 +728,8 @@ def main():
             if now - last_time >= PROGRESS_EVERY:
                 if sink.counts() != last_counts:
                     new = sink.counts()[0] - last_counts[0]
-                    print(f"sink: {sink.written} records (+{new / (now - last_time):.0f}/s), "
-                          f"{sink.counts()[1]} frames rejected{sink.behind(now)}", file=sys.stderr, flush=True)
+                    say(f"{sink.written} records (+{new / (now - last_time):.0f}/s), "
+                        f"{sink.counts()[1]} frames rejected{sink.behind(now)}")
                     if not sink.held:  # every line whole
                         write_index(args.log_file, out, sink.seqs)
                 last_counts, last_time = sink.counts(), now
@@ -735,8 +745,7 @@ def main():
     pull.close(linger=0)
     acks.close(linger=1000)  # the last acknowledgements, to load generators still connected
     context.term()
-    print(f"sink: stopped by {signal.Signals(stopping[0]).name}: {sink.summary(refusals.count)}",
-          file=sys.stderr, flush=True)
+    say(f"stopped by {signal.Signals(stopping[0]).name}: {sink.summary(refusals.count)}")
 
 
 if __name__ == "__main__":
