@@ -19,6 +19,7 @@ Settings (environment variables):
                               among those connected.
 ``ZMQ_SINK_QUEUE``            records a process holds until a sink acknowledges them (100000).
 ``ZMQ_SINK_FLUSH_TIMEOUT``    seconds a process waits for acknowledgements when it quits (2).
+``ZMQ_SINK_WARN_AFTER``       seconds records wait for an acknowledgement before Locust's log says so (5); 0: never.
 ``ZMQ_SINK_CURVE_PUBLIC``     with CURVE: the sink's public ``.key`` file (``python sink.py --make-keys``).
 ``LOCUST_CURVE_SECRET``       with CURVE: this load generator's ``.key_secret`` file. Set both, or neither.
 ``HOST``                      the ``hostname`` label on records (default: this machine's host name).
@@ -168,6 +169,7 @@ SINK_ADDRESSES = setting("ZMQ_SINK_ADDRESS", DEFAULT_SINK_ADDRESS, sink_addresse
                          "addresses such as tcp://10.0.0.5:5555, comma-separated; empty: no pushing")
 QUEUE_LIMIT = setting("ZMQ_SINK_QUEUE", "100000", whole_number, "a whole number of records, 1 or more")
 FLUSH_TIMEOUT = setting("ZMQ_SINK_FLUSH_TIMEOUT", "2", seconds, "seconds, 0 or more")
+WARN_AFTER = setting("ZMQ_SINK_WARN_AFTER", "5", seconds, "seconds, 0 or more (0: never)")
 HOSTNAME = os.environ.get("HOST") or socket.gethostname()
 SINK_CERTIFICATE = setting("ZMQ_SINK_CURVE_PUBLIC", "", key_file(holds_secret=False), "the sink's public .key file")
 OWN_CERTIFICATE = setting("LOCUST_CURVE_SECRET", "", key_file(holds_secret=True),
@@ -343,7 +345,8 @@ class ZmqPushHandler(LinesHandler):
     TOLD = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
-    def __init__(self, addresses, worker, queue_limit, flush_timeout, curve_keys=None):
+    def __init__(self, addresses, worker, queue_limit, flush_timeout, curve_keys=None, warn_after=0,
+                 local_file=None):
         super().__init__()
         self.address = ",".join(addresses)
         self.sinks = {ack_address(address): address for address in addresses}
@@ -363,6 +366,10 @@ class ZmqPushHandler(LinesHandler):
         self.waiting_since, self.backoff = 0.0, 1
         self.made = self.queued = self.acked = self.dropped = self.sent = self.resent = 0
         self.warned = False
+        # The alarm: records that waited warn_after seconds for an acknowledgement are said once, and so is the
+        # next acknowledgement; at 2000 records a second, a one-hour test lost is said in seconds, not at its end.
+        self.warn_after, self.local_file = warn_after, local_file
+        self.unanswered_since, self.alarm = 0.0, None  # since the last acknowledgement; (acked, since) while alarmed
         self.context = zmq.Context()  # never zmq.Context.instance(): it could be one shared across a fork
         self.socket, self.acks = self.context.socket(zmq.PUSH), self.context.socket(zmq.SUB)
         self.socket.setsockopt(zmq.IMMEDIATE, 1)
@@ -394,8 +401,11 @@ class ZmqPushHandler(LinesHandler):
         if self.pending and self.pending_first + len(self.pending) != first_seq:
             while self._pack(0, flushing=True):  # a gap (records dropped): a frame holds consecutive seqs only
                 pass
+        now = time.monotonic()
         if not self.pending:
-            self.pending_first, self.pending_since = first_seq, time.monotonic()
+            self.pending_first, self.pending_since = first_seq, now
+        if not self.queued:
+            self.unanswered_since = now
         self.pending += lines
         self.pending_bytes += sum(map(len, lines)) + len(lines)
         self.queued += len(lines)
@@ -441,6 +451,7 @@ class ZmqPushHandler(LinesHandler):
                 frame.first_sent = None  # timed anew: how long a connection was lost says nothing of the sink
             self.to_send.extendleft(reversed(self.in_flight.values()))
             self.in_flight.clear()
+        self._sound_alarm(now)
         oldest = next(iter(self.in_flight.values()), None)
         if oldest and now - max(oldest.sent_at, self.waiting_since) >= self.timeout():
             del self.in_flight[oldest.first]
@@ -460,6 +471,22 @@ class ZmqPushHandler(LinesHandler):
                 frame.tries, frame.sent_at, frame.first_sent = frame.tries + 1, now, frame.first_sent or now
                 self.in_flight[frame.first] = frame
             self.to_send.popleft()
+
+    def _sound_alarm(self, now):
+        """Say once when records have waited warn_after seconds without an acknowledgement, and once when one
+        comes."""
+        if self.alarm is None and self.warn_after and self.queued and now - self.unanswered_since >= self.warn_after:
+            self.alarm = (self.acked, self.unanswered_since)
+            console.warning("ZeroMQ sink %s: no acknowledgement for %.1fs, %d records waiting%s; they are %s",
+                            self.address, now - self.unanswered_since, self.queued, self.why_not_acknowledged() or
+                            ": the sink stopped acknowledging: it is stopped, cannot write, or is out of reach",
+                            f"also in the local file {self.local_file}" if self.local_file else
+                            "in no file (LOCUST_LOG_FILE is unset): lost if this process quits before a sink "
+                            "acknowledges them")
+        elif self.alarm is not None and self.acked > self.alarm[0]:
+            console.info("ZeroMQ sink %s: records acknowledged now, after %.1fs without", self.address,
+                         now - self.alarm[1])
+            self.alarm = None
 
     def _lost_in_flight(self):
         """True if a connection dropped since the last call. An acknowledgement connection whose heartbeats went
@@ -508,7 +535,7 @@ class ZmqPushHandler(LinesHandler):
                     self.in_flight.pop(first, None)
                     self.acked += count
                     self.queued -= count
-                    self.waiting_since, self.backoff = now, 1
+                    self.waiting_since, self.backoff, self.unanswered_since = now, 1, now
                     # From its first send since it may have been lost, whichever copy was acknowledged: TCP's rule
                     # (Karn's) takes no time of a frame sent again, and then, where every frame is sent again, learns
                     # nothing and times out each one. Too long a time only makes the timeout longer, the safe side.
@@ -567,9 +594,11 @@ class ZmqPushHandler(LinesHandler):
             if self.made > self.acked:
                 console.warning(
                     "ZeroMQ sink %s: %d records acknowledged, %d sent again; %d not (%d dropped: a full queue of %d, "
-                    "or over 1 MiB; %d unacknowledged after %.1fs)%s",
+                    "or over 1 MiB; %d unacknowledged after %.1fs)%s; they are %s",
                     self.address, self.acked, self.resent, self.made - self.acked, self.dropped, self.queue_limit,
                     self.queued, self.flush_timeout, self.why_not_acknowledged(),
+                    f"in the local file {self.local_file}" if self.local_file else
+                    "lost: in no file (LOCUST_LOG_FILE is unset)",
                 )
             elif self.made:
                 console.info("ZeroMQ sink %s: all %d records acknowledged, %d sent again", self.address, self.acked,
@@ -598,13 +627,14 @@ class RequestLog:
         self.role = ("master" if isinstance(environment.runner, MasterRunner) else
                      "worker" if isinstance(environment.runner, WorkerRunner) else "local")
         self.formatter = JsonFormatter(HOSTNAME, worker)
-        if LOG_FILE:
-            path = Path(LOG_FILE)
+        path = LOG_FILE and Path(LOG_FILE)
+        if path:
             if isinstance(environment.runner, WorkerRunner):
                 path = path.with_name(f"{path.stem}.{worker}{path.suffix}")
             self.handlers.append(JsonLinesFileHandler(path))
         if SINK_ADDRESSES:
-            self.pusher = ZmqPushHandler(SINK_ADDRESSES, worker, QUEUE_LIMIT, FLUSH_TIMEOUT, CURVE_KEYS)
+            self.pusher = ZmqPushHandler(SINK_ADDRESSES, worker, QUEUE_LIMIT, FLUSH_TIMEOUT, CURVE_KEYS, WARN_AFTER,
+                                         path)
             self.handlers.append(self.pusher)
         for handler in self.handlers:
             handler.setFormatter(self.formatter)

@@ -1056,7 +1056,8 @@ def test_each_side_says_exactly_why_nothing_was_acknowledged(tmp_path, tag, targ
         assert code == 0, stderr
         last = re.findall(r"^\[[\d :,-]+\] \S+/WARNING/locust\.request_log: ZeroMQ sink (\S+): 0 records "
                           r"acknowledged, 0 sent again; (\d+) not \(0 dropped: a full queue of 100000, or over 1 MiB; "
-                          r"(\d+) unacknowledged after 0\.5s\): (.*)$", stderr, re.MULTILINE)
+                          r"(\d+) unacknowledged after 0\.5s\): (.*); they are lost: in no file \(LOCUST_LOG_FILE is "
+                          r"unset\)$", stderr, re.MULTILINE)
         assert len(last) == 1 and last[0][:2] == (address, last[0][2]) and last[0][3] in whys, (name, stderr)
     curve_said, plain_said = curve_sink.stop(), plain_sink.stop()
     assert_same_counts(read_records(curve_sink.log_file), stats)
@@ -1078,6 +1079,67 @@ def test_each_side_says_exactly_why_nothing_was_acknowledged(tmp_path, tag, targ
     for said in (curve_said, plain_said):
         assert re.search(r"; but \d+ connections refused \(the lines above say why\)$", said), said
     assert re.search(r"from 1 process, which ended;", curve_said), curve_said
+
+
+def test_a_process_whose_records_reach_no_sink_says_so_in_seconds_and_again_when_a_sink_acknowledges(tmp_path, tag,
+                                                                                                      target, sinks):
+    # A one-hour test whose records go nowhere is said in ZMQ_SINK_WARN_AFTER seconds, by each process once, not at
+    # its end: where the records are kept meanwhile, and then that a sink started late acknowledges them.
+    addresses = {name: f"tcp://127.0.0.1:{free_port()}" for name in ("kept", "unkept")}
+    # name: (options, settings, the processes that make requests and so sound the alarm; a master makes none)
+    runs = {"kept": (two_processes(), {"LOCUST_LOG_FILE": str(tmp_path / "local.jsonl")}, 2), "unkept": ([], {}, 1)}
+    started = {}
+    for name, (options, settings, _) in runs.items():
+        with open(tmp_path / f"{name}-locust.err", "w") as stderr:
+            started[name] = subprocess.Popen(
+                locust_command(target, "--headless", "-u", "4", "-r", "4", "-t", "20s", *options,
+                               *stats_options(tmp_path / f"{name}-stats"), locustfile=LOCUSTFILE),
+                cwd=tmp_path, env=environment(tag, ZMQ_SINK_ADDRESS=addresses[name], ZMQ_SINK_FLUSH_TIMEOUT="10",
+                                              **settings), stdout=subprocess.PIPE, stderr=stderr, text=True)
+    alarm = (r"^\[([\d :,-]+)\] \S+/WARNING/locust\.request_log: ZeroMQ sink {}: no acknowledgement for 5\.\ds, \d+ "
+             r"records waiting: nothing accepted a connection there: no sink is listening, or a firewall is in the way; "
+             r"they are (.*)$")
+
+    def said(name):
+        return (tmp_path / f"{name}-locust.err").read_text()
+
+    def alarms(name):
+        return re.findall(alarm.format(addresses[name]), said(name), re.MULTILINE)
+
+    try:
+        wait_for(lambda: all(len(alarms(name)) >= alarmed for name, (*_, alarmed) in runs.items()),
+                 what="an alarm of each process")
+        collected = {name: sinks(name=name, address=address) for name, address in addresses.items()}
+        for name, locust in started.items():
+            stdout, _ = locust.communicate(timeout=90)
+            assert locust.returncode == 0, said(name)
+            stats = final_stats(tmp_path / f"{name}-stats.json", stdout)
+            records = read_records(collected[name].log_file)
+            assert_same_counts(records, stats)
+            # Each process once: the alarm 5 s after its first record, what keeps its records, then the recovery.
+            firsts = {}
+            for record in records:
+                firsts.setdefault(record["worker"], record["time"])
+            kept = {f"also in the local file {tmp_path / f'local.{worker}.jsonl'}" for worker in firsts} if \
+                name == "kept" else {"in no file (LOCUST_LOG_FILE is unset): lost if this process quits before a "
+                                     "sink acknowledges them"}
+            assert len(alarms(name)) == runs[name][2] and {where for _, where in alarms(name)} <= kept, said(name)
+            for when, where in alarms(name):
+                worker = next(iter(firsts)) if name == "unkept" else where.rpartition("local.")[2][:-len(".jsonl")]
+                first = datetime.strptime(firsts[worker], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+                alarmed = datetime.strptime(when, "%Y-%m-%d %H:%M:%S,%f").astimezone(timezone.utc)
+                assert 4.9 <= (alarmed - first).total_seconds() < 7, (first, alarmed)
+            recovered = re.findall(rf"/INFO/locust\.request_log: ZeroMQ sink {addresses[name]}: records acknowledged "
+                                   rf"now, after [\d.]+s without$", said(name), re.MULTILINE)
+            assert len(recovered) == len(alarms(name)), said(name)
+            assert len(re.findall(r"all \d+ records acknowledged", said(name))) == len(firsts), said(name)
+    finally:
+        for locust in started.values():
+            if locust.poll() is None:  # a failed wait: its forked workers too, or the tag fixture finds them
+                for child in psutil.Process(locust.pid).children(recursive=True):
+                    child.kill()
+                locust.kill()
+            locust.wait()
 
 
 def test_the_sink_names_a_refusal_at_once_and_then_at_most_every_interval_with_how_many_came_meanwhile(capfd):
@@ -1173,6 +1235,7 @@ def test_bad_settings_and_unusable_keys_stop_either_side_at_start_with_one_line(
         ({"ZMQ_SINK_QUEUE": "0"}, "request_log: ZMQ_SINK_QUEUE='0': expected a whole number of records, 1 or more"),
         ({"ZMQ_SINK_FLUSH_TIMEOUT": "soon"}, "request_log: ZMQ_SINK_FLUSH_TIMEOUT='soon': expected seconds, 0 or more"),
         ({"ZMQ_SINK_FLUSH_TIMEOUT": "-1"}, "request_log: ZMQ_SINK_FLUSH_TIMEOUT='-1': expected seconds, 0 or more"),
+        ({"ZMQ_SINK_WARN_AFTER": "x"}, "request_log: ZMQ_SINK_WARN_AFTER='x': expected seconds, 0 or more (0: never)"),
         ({"LOCUST_RESOURCE_INTERVAL": "-1"},
          "request_log: LOCUST_RESOURCE_INTERVAL='-1': expected seconds between samples, 0 or more (0: none)"),
         ({"LOCUST_RESOURCE_INTERVAL": "inf"},
@@ -1374,7 +1437,8 @@ def test_stalled_sink_does_not_slow_the_run(tmp_path, tag, target):
     # A sink that takes frames but never acknowledges them: the records count as not acknowledged, and it says so.
     reported = re.search(r"0 records acknowledged, \d+ sent again; (\d+) not \((\d+) dropped: a full queue of 10, or "
                          r"over 1 MiB; (\d+) unacknowledged after [\d.]+s\): records were sent, but no sink "
-                         r"acknowledged any", stderr)
+                         rf"acknowledged any \(.*\); they are in the local file {re.escape(str(local_file))}$", stderr,
+                         re.MULTILINE)
     assert reported, stderr
     not_acknowledged, dropped, queued = map(int, reported.groups())
     assert dropped > 0 and queued == 10
@@ -1522,7 +1586,8 @@ def test_imported_or_pasted_below_code_that_rebinds_its_names_the_block_logs_and
     assert len(said["pasted-alone"]) == 1 and re.fullmatch(
         rf"WARNING/locust\.request_log: ZeroMQ sink {nowhere}: 0 records acknowledged, 0 sent again; (\d+) not \(0 "
         rf"dropped: a full queue of 100000, or over 1 MiB; \1 unacknowledged after 0\.5s\): nothing accepted a "
-        rf"connection there: no sink is listening, or a firewall is in the way", said["pasted-alone"][0]), said
+        rf"connection there: no sink is listening, or a firewall is in the way; they are lost: in no file "
+        rf"\(LOCUST_LOG_FILE is unset\)", said["pasted-alone"][0]), said
     assert [re.sub(r"\d+", "N", line) for line in said["imported-alone"]] == [
         re.sub(r"\d+", "N", line) for line in said["pasted-alone"]]
 
