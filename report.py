@@ -8,6 +8,7 @@ Usage::
     python report.py requests.jsonl local.*.jsonl --require-complete   # fill its gaps from local copies
     python report.py requests.jsonl --run RUN_ID --timeline timeline.csv --json
     python report.py requests.jsonl --html report.html        # a page with charts (pip install plotly)
+    python report.py requests.jsonl --follow                  # while the test runs; the report when it ends
     python report.py requests.jsonl --skip-first 30s --check 'each: p95 < 500' --check 'failures < 1%' \
         --baseline last-week.jsonl --check 'p95 < baseline + 10%' --junit checks.xml   # a verdict for CI
 
@@ -277,17 +278,20 @@ class Collected:
         self.first_unreadable = None
 
     def read(self, path, progress):
-        with open(path, "rb") as lines:
-            for line_number, line in enumerate(lines, 1):
-                try:
-                    self.lines[self.take(read_json(line))] += 1
-                except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                    self.lines["unreadable"] += 1
-                    self.first_unreadable = self.first_unreadable or f"{path} line {line_number}"
-                if not line_number & 0xFFFF:
-                    progress.show(lines.tell(), self.lines.total())
-            progress.done += lines.tell()
+        with open(path, "rb") as file:
+            self.take_lines(file, path, 1, lambda: progress.show(file.tell(), self.lines.total()))
+            progress.done += file.tell()
 
+    def take_lines(self, lines, path, first_line, every_65536_lines=None):
+        """Count each line, numbered from first_line in the file at path."""
+        for line_number, line in enumerate(lines, first_line):
+            try:
+                self.lines[self.take(read_json(line))] += 1
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                self.lines["unreadable"] += 1
+                self.first_unreadable = self.first_unreadable or f"{path} line {line_number}"
+            if not line_number & 0xFFFF and every_65536_lines:
+                every_65536_lines()
 
     def take(self, record):
         """Count one record and say what it was, or raise ValueError, before counting anything, if it lacks
@@ -362,6 +366,16 @@ def window_of(run, skip_first, skip_last):
     first request ended to skip_last ms before its last one did; then when those two ended."""
     first, last = (int(epoch(when[:19])) * 1000 + int(when[20:23]) for when in (run.first_end, run.last_end))
     return time_text(first + skip_first), time_text(last - skip_last), run.first_end, run.last_end
+
+
+def seconds_of(value, option, above_zero):
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds if above_zero else 0 <= seconds) or not math.isfinite(seconds):
+        raise ValueError(f"--{option} {value!r}: expected seconds, {'above 0' if above_zero else '0 or more'}")
+    return seconds
 
 
 def time_text(milliseconds):
@@ -1069,9 +1083,186 @@ def run_figures(run):
                                      "yaxis": {"rangemode": "tozero"}, "xaxis": xaxis}}]
 
 
+# --- While the run goes on (--follow): the files read as they grow, and what they hold so far -----------
+
+class Follower:
+    """The files as they grow: each complete line once, in order. A partial last line is read once its line
+    break has come, so one that a restarted sink cuts is never read; a file not there yet is waited for."""
+
+    BLOCK = 1 << 24  # bytes read at a time: records are at most 1 MiB
+
+    def __init__(self, paths):
+        self.read_to = dict.fromkeys(paths, 0)  # path -> bytes read, up to a line break
+        self.lines_read = dict.fromkeys(paths, 0)
+
+    def read_new(self, collected):
+        """Count the lines the files gained; return how many."""
+        new = 0
+        for path in self.read_to:
+            try:
+                file = open(path, "rb")
+            except FileNotFoundError:
+                continue
+            with file:
+                while True:
+                    file.seek(self.read_to[path])
+                    block = file.read(self.BLOCK)
+                    end = block.rfind(b"\n") + 1
+                    if not end:
+                        break
+                    lines = block[:end - 1].split(b"\n")
+                    collected.take_lines(lines, path, self.lines_read[path] + 1)
+                    self.read_to[path] += end
+                    self.lines_read[path] += len(lines)
+                    new += len(lines)
+        return new
+
+
+def live_runs(collected, percentiles, checks, baseline, noise, window):
+    """Per run, the latest first: each name's numbers over the last `window` seconds of its requests and since
+    its first, the busiest first; each worker's peak CPU in that window; each check's verdict now. Seconds older
+    than the window are forgotten: memory stays 8 bytes a request."""
+    runs = []
+    for run_id, run in sorted(collected.runs.items(), key=lambda item: item[1].last_end or "", reverse=True):
+        if not run.first_end:
+            continue
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch(run.last_end[:19]) - window + 1))
+        for second in [second for second in run.seconds if second < since]:
+            del run.seconds[second]
+        seconds = min(window, epoch(run.last_end[:19]) - epoch(run.first_end[:19]) + 1)
+        summary = summarize_run(run_id, run, percentiles)
+        recent = {}
+        for second in run.seconds.values():
+            for key, times in second.response_times.items():
+                recent.setdefault(key, [array("d"), 0])[0].extend(times)
+            for key, failures in second.failures.items():
+                recent.setdefault(key, [array("d"), 0])[1] += failures
+        every = [array("d", chain.from_iterable(times for times, _ in recent.values())),
+                 sum(failures for _, failures in recent.values())]
+        rows = []
+        for row in sorted(summary["names"], key=lambda row: -row["requests"]) + [summary["total"]]:
+            times, failures = every if row is summary["total"] else recent.get((row["request_type"], row["name"]),
+                                                                                 (array("d"), 0))
+            ordered = sorted(times)
+            rows.append((row, {"requests": len(ordered), "failures": failures, "requests_per_second":
+                               len(ordered) / seconds, **{f"p{p}": percentile(ordered, p) if ordered else None
+                                                          for p in TIMELINE_PERCENTILES},
+                               "max": ordered[-1] if ordered else None}))
+        cpu = {name: max((percent for when, percent in worker.cpu if when >= since), default=None)
+               for name, worker in sorted(run.workers.items())}
+        try:
+            verdicts = check_run(summary, checks, baseline, noise)
+        except ValueError as error:  # a rule names a name that has had no request yet
+            verdicts = str(error)
+        runs.append({"run_id": run_id, "summary": summary, "rows": rows, "cpu": cpu, "checks": verdicts})
+    return runs
+
+
+def live_header(collected):
+    processes = collected.processes.values()
+    return (f"{time.strftime('%H:%M:%S')} {count(len(processes), 'process')}, {sum(p.ended for p in processes)} "
+            f"ended, {sum(p.missing() for p in processes)} records missing so far; {collected.lines.total()} lines "
+            f"read, {collected.lines['unreadable']} unreadable")
+
+
+def check_words(verdicts):
+    if isinstance(verdicts, str):
+        return [f"not yet: {verdicts}"]
+    return [f"{check['rule']} [{check['name']}]: {shown(check['measured'], check['unit'])} "
+            f"{VERDICTS[check['verdict']]}" for check in verdicts]
+
+
+def live_line(collected, runs, window):
+    """One short line of the latest run, for a log."""
+    if not runs:
+        return f"report: {live_header(collected)}; no requests yet"
+    run = runs[0]
+    total, recent = run["rows"][-1]
+    verdicts = Counter(check["verdict"] for check in run["checks"]) if isinstance(run["checks"], list) else {}
+    return (f"report: {live_header(collected)}; run {run['run_id']}: {total['requests']} requests, "
+            f"{total['failures']} failures; last {window:g} s: {recent['requests_per_second']:.1f} req/s, p95 "
+            f"{shown(recent['p95'], 'ms')}, max {shown(recent['max'], 'ms')}" + "".join(
+                f"; checks: {', '.join(f'{n} {VERDICTS[v]}' for v, n in sorted(verdicts.items()))}" * bool(verdicts)))
+
+
+def live_screen(collected, runs, window, width, height):
+    """The screen: per run, its names, the busiest first, as many as fit (requests and failures since its first
+    request, req/s in the window, the percentiles of both); its workers' CPU, the hottest first; its checks."""
+    lines = [f"report.py --follow: {live_header(collected)}"]
+    times = [*(f"p{p}" for p in TIMELINE_PERCENTILES), "max"]
+    for run in runs:
+        rows, summary = run["rows"], run["summary"]
+        cpu = sorted(((percent, name) for name, percent in run["cpu"].items() if percent is not None), reverse=True)
+        tail = [f"CPU, the peak in the last {window:g} s: " + ", ".join(
+            f"{name} {percent:.0f}%" + " (at 90% or more: its times are suspect)" * (percent >= CPU_WARNING)
+            for percent, name in cpu)] * bool(cpu) + ["Check now: " + line for line in check_words(run["checks"])]
+        room = max(1, height - len(lines) - 4 - len(tail))
+        name_width = min(30, max(len(row["name"]) for row, _ in rows))
+        lines += ["", f"Run {run['run_id']}: requests ended from {summary['first_end'][11:19]} to "
+                      f"{summary['last_end'][11:19]} UTC ({summary['seconds']:.1f} s); response times in ms",
+                  f"{'':<{7 + name_width + 27}}| the last {window:g} s{'':<{32 - len(f'the last {window:g} s')}}"
+                  "| since the first request",
+                  live_row("Type", "Name", name_width, ["requests", "failures", "req/s"], times, times)]
+        for row, recent in rows[:room - 1] + rows[-1:] if len(rows) > room else rows:
+            lines.append(live_row(row["request_type"], row["name"][:name_width], name_width, [
+                str(row["requests"]), str(row["failures"]), f"{recent['requests_per_second']:.1f}"],
+                [live_time(recent[column]) for column in times], [live_time(row[column]) for column in times]))
+        lines += tail
+    return [line[:width] for line in lines[:height]]
+
+
+def live_row(request_type, name, width, counts, recent, since):
+    return (f"{request_type:<6} {name:<{width}}" + "".join(f"{cell:>9}" for cell in counts) + " |"
+            + "".join(f"{cell:>8}" for cell in recent) + " |" + "".join(f"{cell:>8}" for cell in since))
+
+
+def live_time(milliseconds):
+    return "-" if milliseconds is None else f"{milliseconds:.1f}"
+
+
+def follow(paths, only_run, percentiles, checks, baseline, noise, every, window, idle):
+    """Show what the files hold every `every` seconds until every process seen has ended and nothing came for
+    `idle` seconds, or SIGINT or SIGTERM came: then main() reads them again for the final report, which is
+    then exactly report.py's without --follow."""
+    stopped = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: stopped.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    collected, follower, terminal = Collected(only_run, True, {}), Follower(paths), sys.stdout.isatty()
+    last_line = shown_at = 0.0
+    while not stopped:
+        if follower.read_new(collected):
+            last_line = time.monotonic()
+        now = time.monotonic()
+        ended = collected.processes and all(process.ended for process in collected.processes.values())
+        if now - shown_at >= every or ended and now - last_line >= idle:
+            runs = live_runs(collected, percentiles, checks, baseline, noise, window)
+            if terminal:
+                size = os.get_terminal_size()
+                screen = live_screen(collected, runs, window, size.columns, size.lines - 1)
+                print("\x1b[H" + "".join(f"{line}\x1b[K\n" for line in screen) + "\x1b[J", end="", flush=True)
+            else:
+                print(live_line(collected, runs, window), flush=True)
+            shown_at = now
+            if ended and now - last_line >= idle:
+                break
+        time.sleep(0.1)
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    print(flush=True)
+
+
+def no_such_run(files, wanted, found):
+    """True, having said so, if --run or --baseline-run names a run the files do not hold."""
+    if wanted is not None and not found.runs and found.run_ids:
+        runs = ", ".join(sorted(str(run_id) for run_id in found.run_ids))
+        print(f"report: no run {wanted} in {', '.join(files)}. Its runs: {runs}", file=sys.stderr)
+        return True
+    return False
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="+", metavar="FILE", help="collected JSON-lines files, read as one")
+    parser.add_argument("files", nargs="*", metavar="FILE", help="collected JSON-lines files, read as one")
     parser.add_argument("--run", metavar="RUN_ID", help="only this run's tables (completeness is over every run)")
     parser.add_argument("--check", action="append", default=[], metavar="RULE",
                         help="exit 1 unless each run holds to it: 'p95 < 300', 'each: failures < 1%%', "
@@ -1091,6 +1282,13 @@ def main():
                              "its measured value's (the default), or pass, warn (pass, and say so) or fail")
     parser.add_argument("--require-complete", action="store_true",
                         help="exit 1 if a record is missing or a process did not end cleanly")
+    parser.add_argument("--follow", action="store_true", help="follow the files as they grow, showing what they "
+                        "hold, until every process has ended; then the report, as without --follow")
+    parser.add_argument("--every", metavar="SECONDS", default="2", help="with --follow: seconds between two views")
+    parser.add_argument("--window", metavar="SECONDS", default="10",
+                        help="with --follow: the last seconds of requests that the view's recent numbers cover")
+    parser.add_argument("--idle", metavar="SECONDS", default="5",
+                        help="with --follow: seconds without a new line, once every process has ended, before it ends")
     args = parser.parse_args()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `report.py FILE | head` ends quietly, as any Unix tool does
 
@@ -1100,6 +1298,10 @@ def main():
         checks = [Check(rule, args.baseline) for rule in args.check]
         if args.baseline_run and not args.baseline:
             raise ValueError("--baseline-run: names a run of the baseline: give its files with --baseline FILE...")
+        if not args.files:
+            raise ValueError("no FILE to read: give the collected files, as in report.py requests.jsonl")
+        every, window, idle = (seconds_of(getattr(args, option), option, above_zero) for option, above_zero in (
+            ("every", True), ("window", True), ("idle", False)))
     except ValueError as error:
         print(f"report: {error}", file=sys.stderr)
         return 2
@@ -1115,17 +1317,30 @@ def main():
         except OSError as error:
             print(f"report: cannot write {path}: {error.strerror}", file=sys.stderr)
             return 1
+    percentiles = dict(sorted({**{f"p{p}": p for p in PERCENTILES},
+                               **{c.metric: Fraction(c.metric[1:]) for c in checks if c.metric[0] == "p"}}.items(),
+                              key=lambda item: item[1]))
     try:
-        collected = collect(args.files, args.run, bool(args.timeline or args.html), skip)
         baseline = args.baseline and collect(args.baseline, args.baseline_run, False, skip)
+        if baseline:  # before the files: --follow checks against it as the run goes on
+            if no_such_run(args.baseline, args.baseline_run, baseline):
+                return 1
+            baseline_runs = [(run_id, run) for run_id, run in baseline.runs.items() if run.response_times]
+            if len(baseline_runs) != 1:
+                names = ", ".join(str(run_id) for run_id, _ in baseline_runs)
+                print(f"report: --baseline {' '.join(args.baseline)} holds " + (
+                    f"{len(baseline_runs)} runs with requests ({names}): choose one with --baseline-run RUN_ID"
+                    if baseline_runs else "no requests"), file=sys.stderr)
+                return 2
+            baseline = summarize_run(*baseline_runs[0], percentiles)
+        if args.follow:
+            follow(args.files, args.run, percentiles, checks, baseline, args.noise, every, window, idle)
+        collected = collect(args.files, args.run, bool(args.timeline or args.html), skip)
     except OSError as error:
         print(f"report: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 1
-    for files, wanted, found in ((args.files, args.run, collected), (args.baseline, args.baseline_run, baseline)):
-        if wanted is not None and not found.runs and found.run_ids:
-            runs = ", ".join(sorted(str(run_id) for run_id in found.run_ids))
-            print(f"report: no run {wanted} in {', '.join(files)}. Its runs: {runs}", file=sys.stderr)
-            return 1
+    if no_such_run(args.files, args.run, collected):
+        return 1
     lines = collected.lines
     if not collected.processes and lines["unreadable"] + lines["skipped"]:  # a CSV, say, or another tool's JSON
         found = [f"{lines['unreadable']} unreadable (the first: {collected.first_unreadable})"] * bool(
@@ -1135,20 +1350,9 @@ def main():
         return 1
     if args.timeline:
         write_timeline(args.timeline, collected.runs.items())
-    percentiles = dict(sorted({**{f"p{p}": p for p in PERCENTILES},
-                               **{c.metric: Fraction(c.metric[1:]) for c in checks if c.metric[0] == "p"}}.items(),
-                              key=lambda item: item[1]))
     report = summarize(args.files, collected, percentiles)
     report["skip"] = {"first": args.skip_first, "last": args.skip_last} if any(skip) else None
     if baseline:
-        baseline_runs = [(run_id, run) for run_id, run in baseline.runs.items() if run.response_times]
-        if len(baseline_runs) != 1:
-            names = ", ".join(str(run_id) for run_id, _ in baseline_runs)
-            print(f"report: --baseline {' '.join(args.baseline)} holds " + (
-                f"{len(baseline_runs)} runs with requests ({names}): choose one with --baseline-run RUN_ID"
-                if baseline_runs else "no requests"), file=sys.stderr)
-            return 2
-        baseline = summarize_run(*baseline_runs[0], percentiles)
         report["baseline"] = {"files": args.baseline, "run_id": baseline["run_id"]}
     for run in report["runs"]:
         if run["total"] is None:

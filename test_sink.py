@@ -7,8 +7,10 @@ import contextlib
 import csv
 import dis
 import io
+import fcntl
 import html
 import json
+import pty
 import math
 import os
 import random
@@ -19,7 +21,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import struct
 import sys
+import termios
 import textwrap
 import threading
 import time
@@ -3167,7 +3171,111 @@ BAD_COMMANDS = {
     ("--skip-first", "ten"): "--skip-first 'ten': expected a duration, as 30s, 500ms or 2m",
     ("--skip-last=-5s",): "--skip-last '-5s': expected a duration, as 30s, 500ms or 2m",
     ("--baseline-run", "R"): "--baseline-run: names a run of the baseline: give its files with --baseline FILE...",
+    ("--follow", "--every", "0"): "--every '0': expected seconds, above 0",
+    ("--follow", "--window", "-1"): "--window '-1': expected seconds, above 0",
+    ("--follow", "--idle", "soon"): "--idle 'soon': expected seconds, 0 or more",
 }
+
+
+def follow_report(*args):
+    """report.py --follow, off a terminal, its final report as JSON."""
+    return subprocess.Popen([sys.executable, str(REPO / "report.py"), *map(str, args), "--follow", "--every", "0.5",
+                             "--idle", "2", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def followed(follower):
+    """The live lines and the final report of report.py --follow, once it has ended by itself."""
+    stdout, stderr = follower.communicate(timeout=90)
+    assert "Traceback" not in stderr and stdout.endswith("}\n"), stdout + stderr
+    *live, final = stdout.splitlines()
+    assert all(line.startswith("report: ") or not line for line in live), live
+    return [line for line in live if line], json.loads(final)
+
+
+def test_the_report_follows_a_run_from_before_it_starts_and_ends_with_the_report_it_would_print_after(
+        tmp_path, tag, target, sinks):
+    assert run_report("--follow", expect_code=2).stderr == ("report: no FILE to read: give the collected files, as in "
+                                                            "report.py requests.jsonl\n")
+    log_file, checks = tmp_path / "sink.jsonl", ["--check", "failures < 1%", "--check", "p99 < 10s"]
+    follower = follow_report(log_file, *checks)  # before the sink makes the file
+    try:
+        sink = sinks(log_file=log_file)
+        code, stderr, stats = run_locust(tmp_path, tag, target, *two_processes(), settings={
+            "ZMQ_SINK_ADDRESS": sink.address})
+        assert code == 0, stderr
+        live, final = followed(follower)
+    finally:
+        follower.kill()
+        follower.wait()
+    sink.stop()
+    assert follower.returncode == 1, "the example user's failures fail the first check"
+    # A line per interval, as the requests come: counts that grow, the failed check shown while processes run.
+    counts = [int(match[1]) for match in map(re.compile(r"run \S+: (\d+) requests").search, live) if match]
+    assert len(set(counts)) >= 3 and counts == sorted(counts), live
+    running = [line for line in live if line.endswith("; checks: 1 FAIL, 1 pass") and int.__gt__(
+        *map(int, re.search(r" (\d+) process(?:es)?, (\d+) ended", line).groups()))]
+    assert running, live
+    assert re.search(r" 3 processes, 3 ended, 0 records missing so far", live[-1]), live
+    assert final == report_json(log_file, *checks, expect_code=1)
+    assert report_counts_of(final["runs"][0]) == locust_counts(stats) and final["complete"]
+
+
+def test_the_report_follows_a_file_that_a_killed_sink_left_torn_and_its_next_one_cut(tmp_path, tag, target, sinks):
+    sink = sinks()
+    follower = follow_report(sink.log_file)
+    locust = full_speed_locust(tmp_path, tag, target, sink.address, *two_processes())
+    try:
+        wait_for_full_speed(sink)
+        kill_frozen(sink)
+        with open(sink.log_file, "ab") as torn:  # what a sink killed in a write leaves, whatever this one left
+            torn.write(b'{"time":"2026-12-04T19:0')
+        time.sleep(1)  # the follower sees the torn line
+        restarted = sinks(address=sink.address, log_file=sink.log_file)
+    finally:
+        stderr = finish(locust)
+    try:
+        live, final = followed(follower)
+    finally:
+        follower.kill()
+        follower.wait()
+    restarted.stop()
+    assert "cut its incomplete last line" in restarted.stderr()
+    assert all(", 0 unreadable;" in line for line in live) and final["lines"]["unreadable"] == 0, live
+    assert_nothing_lost(sink.log_file, stderr, tmp_path, tag, processes=3)
+    assert final == report_json(sink.log_file)
+
+
+def test_on_a_terminal_the_follower_redraws_one_screen_in_place_that_fits_it(tmp_path):
+    names = [f"/items/{n}" for n in range(40)]  # more than fit: the busiest first, then the total
+    lines = [record_line(f"10:00:{n % 60:02d}", RUN_A, request("GET", name, 1 + n), seq=n + 1)
+             for n, name in enumerate(names * 3)]
+    lines.append(record_line("10:01:00", RUN_A, {"class": "end", "records": 121}, seq=121))
+    (tmp_path / "run.jsonl").write_text("\n".join(lines) + "\n")
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: report.py on a terminal of 90 columns and 20 lines
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 20, 90, 0, 0))
+        os.execv(sys.executable, [sys.executable, str(REPO / "report.py"), str(tmp_path / "run.jsonl"), "--follow",
+                                  "--idle", "0", "--check", "p95 < 1"])
+    said = b""
+    try:
+        while select.select([terminal], [], [], 30)[0]:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # the child ended
+                break
+            if not chunk:
+                break
+            said += chunk
+    finally:
+        os.waitpid(pid, 0)
+    screen = said.decode().split("\x1b[H", 1)[1].split("\x1b[J", 1)[0]
+    rows = [row.removesuffix("\x1b[K") for row in screen.replace("\r\n", "\n").split("\n")[:-1]]
+    assert 10 < len(rows) <= 19 and all(len(row) <= 90 for row in rows), rows
+    assert rows[0].startswith("report.py --follow: ") and "1 process, 1 ended, 0 records missing so far" in rows[0]
+    shown_names = [row.split()[1] for row in rows if row.startswith("GET ")]
+    assert len(set(shown_names)) == len(shown_names) >= 5, rows
+    assert any(row.strip().startswith("Aggregated") for row in rows) and any("FAIL" in row for row in rows), rows
+    assert "FAIL: 1 of 1 check failed" in said.decode()
 
 
 @pytest.mark.parametrize("args", BAD_COMMANDS, ids=[" ".join(args) for args in BAD_COMMANDS])
