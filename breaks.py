@@ -273,6 +273,10 @@ BREAKS = [
      [("        ended = collected.processes and all(process.ended for process in collected.processes.values())\n",
        "        ended = True\n")],
      "test_the_report_follows_a_run_from_before_it_starts_and_ends_with_the_report_it_would_print_after"),
+    ("--follow's last page does not reload itself", "report.py",
+     [("""    refresh = f"<meta http-equiv='refresh' content='{reload:g}'>" if reload else ""\n""",
+       """    refresh = "<meta http-equiv='refresh' content='1'>"\n""")],
+     "test_the_followed_page_is_written_again_whole_and_reloads_itself_until_the_end"),
     ("--follow's screen fits the terminal", "report.py",
      [("    return [line[:width] for line in lines[:height]]\n", "    return lines\n")],
      "test_on_a_terminal_the_follower_redraws_one_screen_in_place_that_fits_it"),
@@ -324,7 +328,9 @@ BREAKS = [
      [("""            + f", threshold {check['op']} {shown(check['threshold'], check['unit'])}"\n""", "")],
      "test_checks_pass_and_fail_per_name_on_a_real_run"),
     ("a bad rule exits 2", "report.py",
-     [('        print(f"report: {error}", file=sys.stderr)\n        return 2\n',
+     [('            ("every", True), ("window", True), ("idle", False)))\n    except ValueError as error:\n'
+       '        print(f"report: {error}", file=sys.stderr)\n        return 2\n',
+       '            ("every", True), ("window", True), ("idle", False)))\n    except ValueError as error:\n'
        '        print(f"report: {error}", file=sys.stderr)\n        return 1\n')],
      "test_every_bad_rule_is_one_line_and_exit_2_before_any_reading"),
     ("the window keeps both its ends", "report.py",

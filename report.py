@@ -34,6 +34,7 @@ the verdict for a CI system. Exit status: 0, or 1 for FAIL or files it cannot us
 """
 
 import argparse
+import contextlib
 import csv
 import heapq
 import html
@@ -979,9 +980,10 @@ td.text,th.text{text-align:left}
 CHART_CONFIG = {"displaylogo": False, "responsive": True}
 
 
-def write_html(path, report, runs):
+def write_html(path, report, runs, reload=None):
     """The verdict and the tables, then per run its charts; plotly's script is inlined once, so the page
-    needs no network."""
+    needs no network. Written whole or not at all, as --follow writes it again and again, then reloaded every
+    `reload` seconds, if given, by the browser that shows it."""
     import plotly.io  # main() made sure it is there
     kinds = ("request", "sample", "outside_window", "other", "duplicate", "skipped", "unreadable")
     decided = decides(report)
@@ -1029,10 +1031,12 @@ def write_html(path, report, runs):
         for figure in run_figures(run):
             page.append(plotly.io.to_html(figure, full_html=False, include_plotlyjs=next(scripts, False),
                                           config=CHART_CONFIG, validate=False))
-    with open(path, "w", encoding="utf-8") as out:
-        out.write(f"<!doctype html><html><head><meta charset='utf-8'><title>Locust requests: "
+    refresh = f"<meta http-equiv='refresh' content='{reload:g}'>" if reload else ""
+    with open(f"{path}.tmp", "w", encoding="utf-8") as out:
+        out.write(f"<!doctype html><html><head><meta charset='utf-8'>{refresh}<title>Locust requests: "
                   f"{html.escape(', '.join(report['files']))}</title><style>{PAGE_STYLE}</style></head><body>"
                   + "\n".join(page) + "</body></html>\n")
+    os.replace(f"{path}.tmp", path)
 
 
 def html_table(header, rows):
@@ -1118,21 +1122,21 @@ class Follower:
         return new
 
 
-def live_runs(collected, percentiles, checks, baseline, noise, window):
+def live_runs(collected, percentiles, checks, baseline, noise, window, forget):
     """Per run, the latest first: each name's numbers over the last `window` seconds of its requests and since
     its first, the busiest first; each worker's peak CPU in that window; each check's verdict now. Seconds older
-    than the window are forgotten: memory stays 8 bytes a request."""
+    than the window are forgotten, if `forget`, and memory stays 8 bytes a request; a page keeps them."""
     runs = []
     for run_id, run in sorted(collected.runs.items(), key=lambda item: item[1].last_end or "", reverse=True):
         if not run.first_end:
             continue
         since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch(run.last_end[:19]) - window + 1))
-        for second in [second for second in run.seconds if second < since]:
+        for second in [second for second in run.seconds if second < since] if forget else ():
             del run.seconds[second]
         seconds = min(window, epoch(run.last_end[:19]) - epoch(run.first_end[:19]) + 1)
         summary = summarize_run(run_id, run, percentiles)
         recent = {}
-        for second in run.seconds.values():
+        for second in (second for when, second in run.seconds.items() if when >= since):
             for key, times in second.response_times.items():
                 recent.setdefault(key, [array("d"), 0])[0].extend(times)
             for key, failures in second.failures.items():
@@ -1220,14 +1224,14 @@ def live_time(milliseconds):
     return "-" if milliseconds is None else f"{milliseconds:.1f}"
 
 
-def follow(paths, only_run, percentiles, checks, baseline, noise, every, window, idle):
-    """Show what the files hold every `every` seconds until every process seen has ended and nothing came for
-    `idle` seconds, or SIGINT or SIGTERM came: then main() reads them again for the final report, which is
-    then exactly report.py's without --follow."""
+def follow(args, percentiles, checks, baseline, every, window, idle):
+    """Show what the files hold every `every` seconds, and write --html's page again, until every process seen
+    has ended and nothing came for `idle` seconds, or SIGINT or SIGTERM came: then main() reads them again for
+    the final report, which is then exactly report.py's without --follow."""
     stopped = []
     previous = {signum: signal.signal(signum, lambda signum, frame: stopped.append(signum))
                 for signum in (signal.SIGINT, signal.SIGTERM)}
-    collected, follower, terminal = Collected(only_run, True, {}), Follower(paths), sys.stdout.isatty()
+    collected, follower, terminal = Collected(args.run, True, {}), Follower(args.files), sys.stdout.isatty()
     last_line = shown_at = 0.0
     while not stopped:
         if follower.read_new(collected):
@@ -1235,7 +1239,11 @@ def follow(paths, only_run, percentiles, checks, baseline, noise, every, window,
         now = time.monotonic()
         ended = collected.processes and all(process.ended for process in collected.processes.values())
         if now - shown_at >= every or ended and now - last_line >= idle:
-            runs = live_runs(collected, percentiles, checks, baseline, noise, window)
+            runs = live_runs(collected, percentiles, checks, baseline, args.noise, window, not args.html)
+            if args.html:
+                with contextlib.suppress(ValueError):  # a rule names a name that has had no request yet
+                    write_html(args.html, decided(collected, args, (0, 0), percentiles, checks, baseline),
+                               collected.runs, reload=every)
             if terminal:
                 size = os.get_terminal_size()
                 screen = live_screen(collected, runs, window, size.columns, size.lines - 1)
@@ -1249,6 +1257,21 @@ def follow(paths, only_run, percentiles, checks, baseline, noise, every, window,
     for signum, handler in previous.items():
         signal.signal(signum, handler)
     print(flush=True)
+
+
+def decided(collected, args, skip, percentiles, checks, baseline):
+    """The report of what was collected, each run checked and compared with the baseline, and the verdict."""
+    report = summarize(args.files, collected, percentiles)
+    report["skip"] = {"first": args.skip_first, "last": args.skip_last} if any(skip) else None
+    if baseline:
+        report["baseline"] = {"files": args.baseline, "run_id": baseline["run_id"]}
+    for run in report["runs"]:
+        if run["total"] is not None:  # else resource samples only, as before a test starts: nothing to check
+            run["checks"] = check_run(run, checks, baseline, args.noise)
+            run["comparison"] = compare(run, baseline) if baseline else None
+    report.update(rules=args.check, require_complete=args.require_complete, noise=args.noise)
+    report["passed"], report["headline"], report["decision"] = decide(report)
+    return report
 
 
 def no_such_run(files, wanted, found):
@@ -1334,7 +1357,7 @@ def main():
                 return 2
             baseline = summarize_run(*baseline_runs[0], percentiles)
         if args.follow:
-            follow(args.files, args.run, percentiles, checks, baseline, args.noise, every, window, idle)
+            follow(args, percentiles, checks, baseline, every, window, idle)
         collected = collect(args.files, args.run, bool(args.timeline or args.html), skip)
     except OSError as error:
         print(f"report: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
@@ -1350,21 +1373,11 @@ def main():
         return 1
     if args.timeline:
         write_timeline(args.timeline, collected.runs.items())
-    report = summarize(args.files, collected, percentiles)
-    report["skip"] = {"first": args.skip_first, "last": args.skip_last} if any(skip) else None
-    if baseline:
-        report["baseline"] = {"files": args.baseline, "run_id": baseline["run_id"]}
-    for run in report["runs"]:
-        if run["total"] is None:
-            continue  # resource samples only, as before a test starts: nothing to check or compare
-        try:
-            run["checks"] = check_run(run, checks, baseline, args.noise)
-        except ValueError as error:  # a rule that names a name the run does not hold: known only now
-            print(f"report: {error}", file=sys.stderr)
-            return 2
-        run["comparison"] = compare(run, baseline) if baseline else None
-    report.update(rules=args.check, require_complete=args.require_complete, noise=args.noise)
-    report["passed"], report["headline"], report["decision"] = decide(report)
+    try:
+        report = decided(collected, args, skip, percentiles, checks, baseline)
+    except ValueError as error:  # a rule that names a name the run does not hold: known only now
+        print(f"report: {error}", file=sys.stderr)
+        return 2
     if args.html:
         write_html(args.html, report, collected.runs)
     if args.junit:

@@ -2753,6 +2753,39 @@ def test_the_html_report_opens_offline_in_a_real_browser(tmp_path, without_accel
     assert result.stderr == "report: --html needs plotly, to draw its charts: pip install plotly\n"
 
 
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Chromium: apt-get install chromium (.ci/run does)")
+def test_the_followed_page_is_written_again_whole_and_reloads_itself_until_the_end(tmp_path):
+    collected, page = tmp_path / "collected.jsonl", tmp_path / "live.html"
+    follower = subprocess.Popen([sys.executable, str(REPO / "report.py"), str(collected), "--follow", "--every", "1",
+                                 "--idle", "1", "--html", str(page), "--check", "p95 < 1000"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    doms, seq = [], 0
+    try:
+        with open(collected, "w") as out:  # a second of records at a time, while a browser opens the page
+            while len(doms) < 3:
+                for _ in range(50):
+                    seq += 1
+                    out.write(record_line(f"10:00:{seq // 50 % 60:02d}", RUN_A, request("GET", "/", seq % 7), seq=seq)
+                              + "\n")
+                out.flush()
+                if page.exists() and page.stat().st_size:
+                    doms.append(subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                                                "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                                               timeout=60).stdout)
+                time.sleep(0.2)
+            out.write(record_line("10:01:00", RUN_A, end(seq + 1), seq=seq + 1) + "\n")
+        stdout, stderr = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+        follower.wait()
+    assert follower.returncode == 0 and "HTML report: " in stdout, stdout + stderr
+    for dom in doms:  # each whole: its last chart drawn, and a reload to come
+        assert dom.count('class="main-svg"') >= 6 and "PASS: 1 check passed" in dom, dom[-2000:]
+        assert '<meta http-equiv="refresh" content="1">' in dom
+    final = page.read_text()
+    assert "http-equiv" not in final and f"Complete: all {seq + 1} records of 1 process." in final
+
+
 def test_progress_shows_on_a_terminal_only_while_reading_takes_more_than_a_second(tmp_path):
     collected = tmp_path / "collected.jsonl"
     line = record_line("10:00:00", RUN_A, request("GET", "/", 1.5), millisecond=0, seq=999_999).replace("999999", "%d")
