@@ -20,13 +20,18 @@ Everything runs on 127.0.0.1 and is started and stopped here:
    headless Chromium (if installed) takes to open that page.
 5. Restart. A sink started on that file: the time to its first acknowledgement, without and with its index.
 6. Many load generators: 50, 200 and 1000 of the locustfile's own push handlers against one sink on one core.
+7. Following. `report.py --follow` (off a terminal, every 2 s) on a file that grows at 100,000 records a
+   second: from a line's write to the view that counts it. And --follow against the plain report on a
+   collected file of 2 million records.
 
     python bench.py --start-and-scale   # only parts 5 and 6
+    python bench.py --follow            # only part 7
     python bench.py --against COMMIT --rounds 0 --sink-rounds 6   # one sink and the plain report, old and new
 """
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -569,12 +574,17 @@ def main():
                         help="Locust runs, each measuring every variant in turns (default 5)")
     parser.add_argument("--sink-rounds", type=int, default=3, help="runs of the sink and of the bare loop (default 3)")
     parser.add_argument("--start-and-scale", action="store_true", help="only parts 5 and 6 (about 4 minutes)")
+    parser.add_argument("--follow", action="store_true", help="only part 7 (about 3 minutes)")
     parser.add_argument("--against", metavar="COMMIT", help="only part 1 (--rounds runs, 0 for none), and part 2's "
                                                             "sink acknowledging and part 4's plain report "
                                                             "(--sink-rounds runs), for this code and COMMIT's in turns")
     args = parser.parse_args()
     if args.against:
         return against(args.against, args.rounds, args.sink_rounds)
+    if args.follow:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(platform_line())
+            return print_follow(*follow_runs(Path(tmp), args.sink_rounds))
     if args.start_and_scale:
         with tempfile.TemporaryDirectory() as tmp:
             collected = Path(tmp) / "collected.jsonl"
@@ -773,6 +783,61 @@ def print_start_and_scale(starts, indexed, scale):
               f"{r['written'] / r['seconds']:,.0f} | {r['frames'] / r['seconds']:,.0f} | "
               f"{r['cpu'] / r['seconds']:.0%} | {r['ack_p50'] * 1000:.0f} ms | {r['ack_p99'] * 1000:.0f} ms | "
               f"{r['rss'] / (1 << 20):.0f} MB |")
+
+
+FOLLOW_RATE, FOLLOW_SECONDS, FOLLOW_EVERY = 100_000, 20, 2  # part 7: records a second, for how long, views
+
+
+def follow_runs(workdir, rounds):
+    """Part 7: the lag of report.py --follow's views behind a file that grows at FOLLOW_RATE records a second,
+    in batches every 0.1 s; then --follow (--idle 0, which reads the file, then again for the report) against
+    the plain report on the collected file."""
+    print("part 7: report.py --follow", file=sys.stderr)
+    source, grown = workdir / "source.jsonl", workdir / "grown.jsonl"
+    write_collected(source, FOLLOW_RATE * FOLLOW_SECONDS, seconds=FOLLOW_SECONDS)
+    follower = subprocess.Popen([sys.executable, str(REPO / "report.py"), str(grown), "--follow", "--every",
+                                 str(FOLLOW_EVERY), "--idle", "1"], stdout=subprocess.PIPE, text=True)
+    views = []  # (when it came, lines it counted)
+
+    def read_views():
+        for line in follower.stdout:
+            counted = re.search(r"; (\d+) lines read", line)
+            if counted:
+                views.append((time.monotonic(), int(counted[1])))
+    reader = threading.Thread(target=read_views)
+    reader.start()
+    written, batch = [], FOLLOW_RATE // 10  # (when, lines written by then)
+    with open(source, "rb") as lines, open(grown, "wb") as out:
+        started, total = time.monotonic(), 0
+        while chunk := [line for _, line in zip(range(batch), lines)]:
+            time.sleep(max(0.0, started + total / FOLLOW_RATE - time.monotonic()))
+            out.write(b"".join(chunk))
+            out.flush()
+            total += len(chunk)
+            written.append((time.monotonic(), total))
+    follower.wait(timeout=600)
+    reader.join()
+    lags = [next((seen for seen, counted in views if counted >= total), math.inf) - when for when, total in written]
+    reads = {}
+    for label, extra in (("plain", []), ("--follow --idle 0", ["--follow", "--idle", "0"])):
+        reads[label] = []
+        for _ in range(rounds):
+            started = time.monotonic()
+            subprocess.run([sys.executable, str(REPO / "report.py"), str(source), *extra], check=True,
+                           stdout=subprocess.DEVNULL)
+            reads[label].append(time.monotonic() - started)
+    return lags, (written[-1][0] - written[0][0]), reads
+
+
+def print_follow(lags, writing, reads):
+    print(f"\nreport.py --follow --every {FOLLOW_EVERY} off a terminal, on a file written at {FOLLOW_RATE:,} records/s "
+          f"for {writing:.1f} s: a line is in a view {statistics.median(lags):.2f} s after its write (median), "
+          f"{max(lags):.2f} s at most (two intervals: {2 * FOLLOW_EVERY} s)")
+    records = FOLLOW_RATE * FOLLOW_SECONDS
+    for label, runs in reads.items():
+        print(f"report.py {label} on those {records:,} records: {statistics.median(runs):.2f} s "
+              f"({records / statistics.median(runs):,.0f} records/s; median of {len(runs)}: "
+              f"{', '.join(f'{took:.2f}' for took in runs)})")
 
 
 def platform_line():
