@@ -1135,23 +1135,17 @@ def live_runs(collected, percentiles, checks, baseline, noise, window, forget):
             del run.seconds[second]
         seconds = min(window, epoch(run.last_end[:19]) - epoch(run.first_end[:19]) + 1)
         summary = summarize_run(run_id, run, percentiles)
-        recent = {}
+        recent = Second()  # the window's seconds as one, whose numbers the timeline's seconds have
         for second in (second for when, second in run.seconds.items() if when >= since):
             for key, times in second.response_times.items():
-                recent.setdefault(key, [array("d"), 0])[0].extend(times)
-            for key, failures in second.failures.items():
-                recent.setdefault(key, [array("d"), 0])[1] += failures
-        every = [array("d", chain.from_iterable(times for times, _ in recent.values())),
-                 sum(failures for _, failures in recent.values())]
+                recent.response_times[key].extend(times)
+            recent.failures.update(second.failures)
         rows = []
         for row in sorted(summary["names"], key=lambda row: -row["requests"]) + [summary["total"]]:
-            times, failures = every if row is summary["total"] else recent.get((row["request_type"], row["name"]),
-                                                                                 (array("d"), 0))
-            ordered = sorted(times)
-            rows.append((row, {"requests": len(ordered), "failures": failures, "requests_per_second":
-                               len(ordered) / seconds, **{f"p{p}": percentile(ordered, p) if ordered else None
-                                                          for p in TIMELINE_PERCENTILES},
-                               "max": ordered[-1] if ordered else None}))
+            requests, failures, times = recent.requests(
+                None if row is summary["total"] else (row["request_type"], row["name"]))
+            rows.append((row, {"requests": requests, "failures": failures, "requests_per_second": requests / seconds,
+                               **dict(zip([*(f"p{p}" for p in TIMELINE_PERCENTILES), "max"], times))}))
         cpu = {name: max((percent for when, percent in worker.cpu if when >= since), default=None)
                for name, worker in sorted(run.workers.items())}
         try:
@@ -1237,8 +1231,9 @@ def follow(args, percentiles, checks, baseline, every, window, idle):
         if follower.read_new(collected):
             last_line = time.monotonic()
         now = time.monotonic()
-        ended = collected.processes and all(process.ended for process in collected.processes.values())
-        if now - shown_at >= every or ended and now - last_line >= idle:
+        done = collected.processes and all(process.ended for process in collected.processes.values()) \
+            and now - last_line >= idle
+        if now - shown_at >= every or done:
             runs = live_runs(collected, percentiles, checks, baseline, args.noise, window, not args.html)
             if args.html:
                 with contextlib.suppress(ValueError):  # a rule names a name that has had no request yet
@@ -1251,7 +1246,7 @@ def follow(args, percentiles, checks, baseline, every, window, idle):
             else:
                 print(live_line(collected, runs, window), flush=True)
             shown_at = now
-            if ended and now - last_line >= idle:
+            if done:
                 break
         time.sleep(0.1)
     for signum, handler in previous.items():
